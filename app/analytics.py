@@ -1,0 +1,425 @@
+"""The reporter: record one analytics record per request without slowing the request down.
+
+::
+
+    a = Analytics(AnalyticsOptions.from_yaml("iam-pump.yaml"))
+    a.start()
+    a.record_hit(AnalyticsRecord(username="alice", effect="allow", ...))   # ~1 us, never blocks
+    a.stop()                                                               # ships what it holds
+
+``record_hit`` appends to a bounded in-memory buffer and returns; it does no I/O, takes no lock
+and allocates nothing. A cutter thread turns the buffer into batches - when ``records-buffer-size
+/ pool-size`` records are waiting, when ``flush-interval`` has passed, and at least once a
+second - and ``pool-size`` shipping threads hand each batch over as one Celery task (or RPUSH it
+to iam's Redis list). A batch that cannot be shipped is retried with backoff; while the broker is
+away the buffer fills, and records past its bound are refused, counted and logged (rate-limited),
+never silently lost. ``stop()`` ships everything accepted before it, and is safe to call twice.
+
+Memory is bounded: ``records-buffer-size`` records in the buffer plus at most ``2 * pool-size``
+cut batches waiting or in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import msgpack
+
+from app.config import (
+    DEFAULT_FLUSH_INTERVAL_MS,
+    DEFAULT_POOL_SIZE,
+    DEFAULT_RECORDS_BUFFER_SIZE,
+    DEFAULT_STORAGE_EXPIRATION_S,
+    Settings,
+    load_settings,
+)
+from app.errors import ShipError
+from app.record import AnalyticsRecord
+from app.transports import CeleryTransport, RedisListTransport, Transport
+
+__all__ = ["Analytics", "AnalyticsOptions", "AnalyticsRecord", "AnalyticsStats"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STOP_TIMEOUT_S = 30.0
+#: After stop's timeout, how long shipping threads get to give up their batch.
+STOP_GRACE_S = 1.0
+#: Batches are cut at least this often, whatever ``flush-interval`` says.
+FORCED_FLUSH_INTERVAL_S = 1.0
+#: How often the cutter looks at the buffer when nothing wakes it.
+CUTTER_POLL_S = 0.01
+SHIP_BACKOFF_BASE_S = 0.1
+SHIP_BACKOFF_MAX_S = 5.0
+#: At most one "buffer full" warning per this many seconds.
+DROP_WARNING_INTERVAL_S = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AnalyticsOptions:
+    """How the reporter batches and where it ships (iam-authz-server's ``analytics:`` block)."""
+
+    enable: bool = True
+    pool_size: int = DEFAULT_POOL_SIZE
+    records_buffer_size: int = DEFAULT_RECORDS_BUFFER_SIZE
+    flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS
+    enable_detailed_recording: bool = True
+    storage_expiration_s: float = DEFAULT_STORAGE_EXPIRATION_S
+    transport: Literal["celery", "redis-list"] = "celery"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    analytics_key: str = "analytics-iam-system-analytics"
+
+    def __post_init__(self) -> None:
+        if self.pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        if self.records_buffer_size < 1:
+            raise ValueError("records_buffer_size must be at least 1")
+        if self.flush_interval_ms < 1:
+            raise ValueError("flush_interval_ms must be at least 1")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AnalyticsOptions:
+        """Options from validated settings: the ``analytics:`` block plus the connections."""
+        block = settings.analytics
+        return cls(
+            enable=block.enable,
+            pool_size=block.pool_size,
+            records_buffer_size=block.records_buffer_size,
+            flush_interval_ms=block.flush_interval,
+            enable_detailed_recording=block.enable_detailed_recording,
+            storage_expiration_s=block.storage_expiration_time,
+            transport=block.transport,
+            broker_url=settings.broker,
+            redis_url=settings.redis.url,
+            analytics_key=settings.analytics_key,
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str) -> AnalyticsOptions:
+        """Options from an iam-pump YAML file; raises :class:`~app.errors.ConfigError`."""
+        return cls.from_settings(load_settings(path))
+
+    @property
+    def batch_size(self) -> int:
+        """Records per batch: ``records-buffer-size / pool-size``, at least one."""
+        return max(1, self.records_buffer_size // self.pool_size)
+
+
+@dataclass(frozen=True, slots=True)
+class AnalyticsStats:
+    """A snapshot of the reporter's counters."""
+
+    shipped_records: int
+    shipped_batches: int
+    buffered: int
+    pending: int
+    dropped_buffer_full: int
+    dropped_after_stop: int
+    rejected: int
+    lost_at_stop: int
+    ship_failures: int
+
+    @property
+    def accepted(self) -> int:
+        """Records ``record_hit`` accepted (returned True for)."""
+        return (
+            self.shipped_records + self.buffered + self.pending + self.rejected + self.lost_at_stop
+        )
+
+    @property
+    def dropped(self) -> int:
+        """Records ``record_hit`` refused."""
+        return self.dropped_buffer_full + self.dropped_after_stop
+
+
+def _aware(value: Any) -> Any:
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class Analytics:
+    """The reporter; see the module docstring.
+
+    ``record_hit(record) -> bool`` returns True when the record was accepted (it will be shipped)
+    and False when it was refused (buffer full, stopped, or analytics disabled).
+    """
+
+    record_hit: Callable[[AnalyticsRecord], bool]
+
+    def __init__(self, options: AnalyticsOptions, *, transport: Transport | None = None) -> None:
+        self.options = options
+        self._transport = transport
+        self._buffer: deque[AnalyticsRecord] = deque()
+        # One slot, read by record_hit on every call: stop() sets it to 0 to refuse new records.
+        self._limit = [options.records_buffer_size if options.enable else 0]
+        self._batches: queue.Queue[tuple[str, list[AnalyticsRecord]] | None] = queue.Queue(
+            maxsize=2 * options.pool_size
+        )
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._cutting = threading.Event()
+        self._started = False
+        self._stopped = False
+        self._stopping = threading.Event()
+        self._in_flight = 0
+        self._shipped_records = 0
+        self._shipped_batches = 0
+        self._dropped_full = 0
+        self._dropped_after_stop = 0
+        self._rejected = 0
+        self._lost_at_stop = 0
+        self._ship_failures = 0
+        self._last_drop_warning = 0.0
+        self._drops_since_warning = 0
+        self.record_hit = self._make_record_hit()
+
+    def _make_record_hit(self) -> Callable[[AnalyticsRecord], bool]:
+        append = self._buffer.append
+        size = self._buffer.__len__
+        limit = self._limit
+        refuse = self._refuse
+
+        def record_hit(record: AnalyticsRecord) -> bool:
+            if size() < limit[0]:
+                append(record)
+                return True
+            return refuse(record)
+
+        record_hit.__doc__ = "Accept one record (never blocks, no I/O); False if refused."
+        return record_hit
+
+    def _refuse(self, record: AnalyticsRecord) -> bool:
+        if not self.options.enable:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            if self._stopped or self._stopping.is_set():
+                self._dropped_after_stop += 1
+                return False
+            self._dropped_full += 1
+            self._drops_since_warning += 1
+            if now - self._last_drop_warning < DROP_WARNING_INTERVAL_S:
+                return False
+            count, self._drops_since_warning = self._drops_since_warning, 0
+            self._last_drop_warning = now
+        logger.warning(
+            "analytics buffer full (%d records): %d record(s) dropped; is the broker reachable?",
+            self.options.records_buffer_size,
+            count,
+        )
+        return False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the cutter and shipping threads (idempotent)."""
+        with self._lock:
+            if self._started or not self.options.enable:
+                return
+            self._started = True
+        if self._transport is None:
+            self._transport = self._make_transport()
+        cutter = threading.Thread(target=self._cut_loop, name="analytics-cutter", daemon=True)
+        self._threads.append(cutter)
+        for index in range(self.options.pool_size):
+            self._threads.append(
+                threading.Thread(
+                    target=self._ship_loop, name=f"analytics-shipper-{index}", daemon=True
+                )
+            )
+        for thread in self._threads:
+            thread.start()
+
+    def _make_transport(self) -> Transport:
+        if self.options.transport == "redis-list":
+            return RedisListTransport(self.options.redis_url, self.options.analytics_key)
+        return CeleryTransport(self.options.broker_url)
+
+    def stop(self, *, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> AnalyticsStats:
+        """Refuse new records, ship every accepted one, stop the threads; safe to call twice.
+
+        Records still unshipped when ``timeout_s`` runs out (the broker stayed away) are counted
+        in ``lost_at_stop`` and logged as an error.
+        """
+        with self._lock:
+            if self._stopped or self._stopping.is_set():
+                already = True
+            else:
+                already = False
+                self._limit[0] = 0
+                self._stopping.set()
+        if already:
+            for thread in self._threads:
+                thread.join(timeout_s)
+            return self.stats()
+        # Let a record_hit that passed the limit check just before it was lowered land.
+        time.sleep(2 * sys.getswitchinterval())
+        deadline = time.monotonic() + timeout_s
+        if not self._started:
+            self._start_for_drain()
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._stopped = True
+            self._lost_at_stop += len(self._buffer)
+            self._buffer.clear()
+        # Shippers still retrying see _stopped, give up and count their batch as lost.
+        for thread in self._threads:
+            thread.join(STOP_GRACE_S)
+        if self._transport is not None:
+            self._transport.close()
+        stats = self.stats()
+        if stats.lost_at_stop:
+            logger.error(
+                "analytics stop: %d record(s) could not be shipped in %.0fs",
+                stats.lost_at_stop,
+                timeout_s,
+            )
+        return stats
+
+    def _start_for_drain(self) -> None:
+        # stop() without start(): ship what was buffered anyway.
+        if self._buffer and self.options.enable:
+            with self._lock:
+                self._started = True
+            if self._transport is None:
+                self._transport = self._make_transport()
+            cutter = threading.Thread(target=self._cut_loop, daemon=True)
+            shipper = threading.Thread(target=self._ship_loop, daemon=True)
+            self._threads += [cutter, shipper]
+            cutter.start()
+            shipper.start()
+
+    def __enter__(self) -> Analytics:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stats(self) -> AnalyticsStats:
+        """The counters now."""
+        with self._lock:
+            return AnalyticsStats(
+                shipped_records=self._shipped_records,
+                shipped_batches=self._shipped_batches,
+                buffered=len(self._buffer),
+                pending=self._in_flight,
+                dropped_buffer_full=self._dropped_full,
+                dropped_after_stop=self._dropped_after_stop,
+                rejected=self._rejected,
+                lost_at_stop=self._lost_at_stop,
+                ship_failures=self._ship_failures,
+            )
+
+    # -- threads ---------------------------------------------------------------------------
+
+    def _cut_loop(self) -> None:
+        batch_size = self.options.batch_size
+        interval_s = min(self.options.flush_interval_ms / 1000.0, FORCED_FLUSH_INTERVAL_S)
+        poll_s = min(CUTTER_POLL_S, interval_s)
+        buffer = self._buffer
+        last_cut = time.monotonic()
+        while True:
+            stopping = self._stopping.is_set()
+            waiting = len(buffer)
+            now = time.monotonic()
+            if waiting >= batch_size or (waiting and (stopping or now - last_cut >= interval_s)):
+                batch = [buffer.popleft() for _ in range(min(waiting, batch_size))]
+                last_cut = now
+                with self._lock:
+                    self._in_flight += len(batch)
+                self._batches.put((uuid.uuid4().hex, batch))
+                continue
+            if stopping:
+                break
+            if not waiting:
+                last_cut = now
+            time.sleep(poll_s)
+        for _ in range(self.options.pool_size + 1):
+            self._batches.put(None)
+
+    def _ship_loop(self) -> None:
+        while True:
+            item = self._batches.get()
+            if item is None:
+                return
+            batch_id, records = item
+            rows = self._rows(records)
+            shipped = self._ship(batch_id, rows)
+            with self._lock:
+                self._in_flight -= len(records)
+                if shipped:
+                    self._shipped_records += len(rows)
+                    self._shipped_batches += 1
+                    self._rejected += len(records) - len(rows)
+                else:
+                    self._lost_at_stop += len(records)
+
+    def _rows(self, records: list[AnalyticsRecord]) -> list[list[Any]]:
+        """Rows ready to pack; a record that cannot be encoded is refused and logged."""
+        default_expiry = datetime.now(UTC) + timedelta(seconds=self.options.storage_expiration_s)
+        detailed = self.options.enable_detailed_recording
+        rows = [
+            [
+                record.timestamp,
+                record.username,
+                record.effect,
+                record.conclusion,
+                record.request,
+                record.policies if detailed else "",
+                record.deciders if detailed else "",
+                _aware(record.expire_at) if record.expire_at is not None else default_expiry,
+            ]
+            for record in records
+        ]
+        try:
+            msgpack.packb(rows, datetime=True)
+            return rows
+        except Exception:
+            good = []
+            for row, record in zip(rows, records, strict=True):
+                try:
+                    msgpack.packb(row, datetime=True)
+                except Exception as exc:
+                    logger.error(
+                        "analytics: record refused, it cannot be encoded: %s (%r)", exc, record
+                    )
+                    continue
+                good.append(row)
+            return good
+
+    def _ship(self, batch_id: str, rows: list[list[Any]]) -> bool:
+        """Ship until it works or stop's deadline passes; True when shipped."""
+        if not rows:
+            return True
+        assert self._transport is not None
+        attempt = 0
+        while True:
+            try:
+                self._transport.ship(batch_id, rows)
+                return True
+            except ShipError as exc:
+                attempt += 1
+                with self._lock:
+                    self._ship_failures += 1
+                if attempt == 1 or attempt % 10 == 0:
+                    logger.warning(
+                        "analytics: shipping failed (attempt %d), will retry: %s", attempt, exc
+                    )
+            if self._stopped:
+                return False
+            ceiling = min(SHIP_BACKOFF_MAX_S, SHIP_BACKOFF_BASE_S * 2 ** min(attempt, 16))
+            time.sleep(random.uniform(ceiling / 2, ceiling))

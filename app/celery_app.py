@@ -1,0 +1,47 @@
+"""The Celery application: ``celery -A app worker|beat|flower``.
+
+The settings come from the YAML file named by ``--config`` (added to every celery sub-command)
+or ``IAM_PUMP_CONFIG``; ``celeryconfig`` derives the Celery settings from it when the app is
+first configured.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+from celery import Celery, signals
+
+from app.config import CONFIG_ENV_VAR
+
+app = Celery("iam_pump", include=["tasks.ingest", "tasks.purge", "tasks.write"])
+app.config_from_object("celeryconfig")
+app.user_options["preload"].add(
+    click.Option(
+        ["--config"],
+        default=None,
+        help=f"iam-pump YAML config file (default: ${CONFIG_ENV_VAR}, else the embedded default).",
+    )
+)
+
+
+@signals.user_preload_options.connect
+def _use_config_option(options: dict[str, Any], **_: Any) -> None:
+    path = options.get("config")
+    if path:
+        os.environ[CONFIG_ENV_VAR] = os.path.abspath(path)
+
+
+@signals.worker_process_shutdown.connect
+def _close_pumps(**_: Any) -> None:
+    from app.runtime import close_pumps
+
+    close_pumps()
+
+
+@signals.worker_shutdown.connect
+def _close_pumps_in_main(**_: Any) -> None:
+    from app.runtime import close_pumps
+
+    close_pumps()

@@ -1,0 +1,231 @@
+"""Wire formats: iam's msgpack records and the batches that travel through Celery.
+
+Three byte formats exist, all msgpack:
+
+* **Go record** - what iam-authz-server RPUSHes to ``analytics-iam-system-analytics``: a map keyed
+  by the Go field names (:data:`app.record.GO_FIELD_NAMES`), ``ExpireAt`` as a msgpack timestamp
+  (extension type -1).
+* **Batch envelope** - one Celery ``ingest`` task's argument: ``{"id": str, "records": [row, ...]}``
+  from the Python reporter, or ``{"id": str, "go": [bytes, ...]}`` from the Redis-list purge, where
+  each item is one Go record exactly as it was read.
+* **Clean batch** - what ``ingest`` hands to every pump's write task once it has validated the
+  records: ``{"id": str, "records": [[position, *row], ...]}``. The position is the record's
+  index in the envelope, so ``<batch id>-<position>`` names a record the same way on every redelivery.
+
+A row is ``[timestamp, username, effect, conclusion, request, policies, deciders, expire_at]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgpack
+
+from app.record import GO_FIELD_NAMES, GO_ZERO_TIME, AnalyticsRecord
+
+_STRING_FIELDS = GO_FIELD_NAMES[1:7]
+_ROW_LENGTH = 8
+
+
+class MalformedRecordError(ValueError):
+    """Raised when one record cannot be decoded or has the wrong shape (message: the reason)."""
+
+
+class MalformedBatchError(ValueError):
+    """Raised when a whole payload is not a batch envelope (not msgpack, wrong shape, no id)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A record set aside while decoding: its position in the batch, its raw form and why."""
+
+    position: int
+    raw: bytes
+    reason: str
+
+
+def to_timestamp(value: datetime) -> msgpack.Timestamp:
+    """A datetime as a msgpack timestamp; naive datetimes are taken as UTC."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return msgpack.Timestamp.from_datetime(value)
+
+
+def encode_go_record(record: AnalyticsRecord) -> bytes:
+    """One record as iam-authz-server writes it to Redis (byte-compatible with its msgpack)."""
+    return encode_go_row(record_to_row(record))
+
+
+def encode_go_row(row: Sequence[Any]) -> bytes:
+    """A row as iam-authz-server's msgpack map; ``expire_at`` may be a datetime or a Timestamp."""
+    expire_at = row[7]
+    if isinstance(expire_at, datetime):
+        expire_at = to_timestamp(expire_at)
+    return bytes(msgpack.packb(dict(zip(GO_FIELD_NAMES, (*row[:7], expire_at), strict=True))))
+
+
+def decode_go_record(raw: bytes) -> list[Any]:
+    """A Go record's bytes as a validated row; raises :class:`MalformedRecordError`."""
+    try:
+        value = msgpack.unpackb(raw, raw=False, timestamp=3, strict_map_key=True)
+    except UnicodeDecodeError as exc:
+        raise MalformedRecordError(f"string is not valid UTF-8: {exc}") from exc
+    except Exception as exc:
+        raise MalformedRecordError(f"not msgpack: {exc}") from exc
+    if not isinstance(value, dict):
+        raise MalformedRecordError(f"expected a msgpack map, got {type(value).__name__}")
+    missing = [name for name in GO_FIELD_NAMES if name not in value]
+    if missing:
+        raise MalformedRecordError(f"missing field(s) {', '.join(missing)}")
+    return validate_row([value[name] for name in GO_FIELD_NAMES], names=GO_FIELD_NAMES)
+
+
+def validate_row(row: Any, *, names: Sequence[str] = GO_FIELD_NAMES) -> list[Any]:
+    """Check a row's shape and types; return it with ``expire_at`` as an aware datetime."""
+    if not isinstance(row, list | tuple) or len(row) != _ROW_LENGTH:
+        raise MalformedRecordError(f"expected a row of {_ROW_LENGTH} values, got {row!r:.80}")
+    timestamp = row[0]
+    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+        raise MalformedRecordError(f"{names[0]} must be an integer, got {timestamp!r:.80}")
+    for index in range(1, 7):
+        if not isinstance(row[index], str):
+            raise MalformedRecordError(
+                f"{names[index]} must be a string, got {type(row[index]).__name__}"
+            )
+    expire_at = row[7]
+    if isinstance(expire_at, msgpack.Timestamp):
+        expire_at = expire_at.to_datetime()
+    elif expire_at is None:
+        expire_at = GO_ZERO_TIME
+    elif not isinstance(expire_at, datetime):
+        raise MalformedRecordError(
+            f"{names[7]} must be a msgpack timestamp, got {type(expire_at).__name__}"
+        )
+    return [timestamp, *row[1:7], expire_at]
+
+
+def record_to_row(record: AnalyticsRecord) -> list[Any]:
+    """The row form of a record (used by the reporter when it packs a batch)."""
+    expire_at = record.expire_at if record.expire_at is not None else GO_ZERO_TIME
+    return [
+        record.timestamp,
+        record.username,
+        record.effect,
+        record.conclusion,
+        record.request,
+        record.policies,
+        record.deciders,
+        to_timestamp(expire_at),
+    ]
+
+
+def encode_envelope(batch_id: str, rows: Sequence[Sequence[Any]]) -> bytes:
+    """A reporter batch: rows already in row form."""
+    return msgpack.packb({"id": batch_id, "records": rows}, datetime=True)
+
+
+def encode_go_envelope(batch_id: str, items: Sequence[bytes]) -> bytes:
+    """A batch of Go records exactly as read from the Redis list."""
+    return msgpack.packb({"id": batch_id, "go": list(items)})
+
+
+def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected]]:
+    """Validate every record of an envelope; return its id, the good rows and the rejects.
+
+    Each good row is prefixed with its position. A bad record never fails the batch; a payload
+    that is not an envelope at all raises :class:`MalformedBatchError`.
+    """
+    try:
+        envelope = msgpack.unpackb(
+            payload, raw=False, timestamp=3, unicode_errors="surrogateescape"
+        )
+    except Exception as exc:
+        raise MalformedBatchError(f"batch is not msgpack: {exc}") from exc
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("id"), str):
+        raise MalformedBatchError("batch is not a map with a string 'id'")
+    batch_id: str = envelope["id"]
+    good: list[list[Any]] = []
+    rejected: list[Rejected] = []
+    if "go" in envelope:
+        items = envelope["go"]
+        if not isinstance(items, list):
+            raise MalformedBatchError("batch 'go' is not a list")
+        for position, item in enumerate(items):
+            try:
+                if not isinstance(item, bytes):
+                    raise MalformedRecordError("Go record is not bytes")
+                good.append([position, *decode_go_record(item)])
+            except MalformedRecordError as exc:
+                raw = item if isinstance(item, bytes) else msgpack.packb(item, default=repr)
+                rejected.append(Rejected(position, raw, str(exc)))
+    else:
+        rows = envelope.get("records")
+        if not isinstance(rows, list):
+            raise MalformedBatchError("batch has neither 'records' nor 'go' list")
+        for position, row in enumerate(rows):
+            try:
+                _check_strings(row)
+                good.append([position, *validate_row(row)])
+            except MalformedRecordError as exc:
+                rejected.append(Rejected(position, _repack(row), str(exc)))
+    return batch_id, good, rejected
+
+
+def _check_strings(row: Any) -> None:
+    # The envelope is decoded leniently so one bad string cannot sink the batch; a string that
+    # needed escaping was not UTF-8 and its record is set aside.
+    if isinstance(row, list):
+        for value in row:
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise MalformedRecordError(f"string is not valid UTF-8: {exc}") from exc
+
+
+def _repack(value: Any) -> bytes:
+    try:
+        return bytes(
+            msgpack.packb(value, datetime=True, unicode_errors="surrogateescape", default=repr)
+        )
+    except Exception:
+        return repr(value).encode("utf-8", "backslashreplace")
+
+
+def encode_clean_batch(batch_id: str, rows: Sequence[Sequence[Any]]) -> bytes:
+    """The validated batch every pump receives (rows prefixed with their position)."""
+    return bytes(msgpack.packb({"id": batch_id, "records": rows}, datetime=True))
+
+
+def decode_clean_batch(payload: bytes) -> tuple[str, list[AnalyticsRecord]]:
+    """The records of a clean batch, each with its stable id."""
+    batch = msgpack.unpackb(payload, raw=False, timestamp=3)
+    batch_id: str = batch["id"]
+    return batch_id, [
+        AnalyticsRecord(
+            ts,
+            user,
+            effect,
+            conclusion,
+            request,
+            policies,
+            deciders,
+            expire_at,
+            f"{batch_id}-{position}",
+        )
+        for position, ts, user, effect, conclusion, request, policies, deciders, expire_at in batch[
+            "records"
+        ]
+    ]
+
+
+def records_to_clean_rows(records: Iterable[AnalyticsRecord]) -> list[list[Any]]:
+    """Records (with ids of the form ``<batch>-<position>``) back into clean rows."""
+    rows = []
+    for record in records:
+        position = int(record.id.rsplit("-", 1)[1])
+        rows.append([position, *record_to_row(record)])
+    return rows

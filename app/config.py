@@ -1,0 +1,450 @@
+"""The configuration: one YAML file in iam-pump's own format, validated once at start-up.
+
+Keys are those of iam's ``iam-pump.yaml`` (``purge-delay``, ``pumps``, ``redis``, ...) plus the
+reporter's ``analytics:`` block from ``iam-authz-server.yaml``, so an existing iam file works as it
+is. ``${VAR}`` and ``${VAR:-default}`` expand from the environment; a value that is nothing but a
+reference to an unset variable (iam's own files use ``${REDIS_HOST}``) counts as not given, so the
+default applies. Every problem is reported with its key path, and :class:`ConfigError` is raised
+before anything touches data.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import yaml
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from app.errors import ConfigError
+
+CONFIG_ENV_VAR = "IAM_PUMP_CONFIG"
+DEFAULT_ANALYTICS_KEY = "analytics-iam-system-analytics"
+DEFAULT_KEY_PREFIX = "iam-pump"
+DEFAULT_PURGE_DELAY_S = 10
+DEFAULT_PURGE_CHUNK_SIZE = 1000
+DEFAULT_PUMP_TIMEOUT_S = 30
+DEFAULT_MAX_RETRIES = 8
+DEFAULT_RETRY_BACKOFF_BASE_S = 1.0
+DEFAULT_RETRY_BACKOFF_MAX_S = 30.0
+DEFAULT_MAX_RECORD_SIZE_BYTES = 1_048_576
+DEFAULT_POOL_SIZE = 4
+DEFAULT_RECORDS_BUFFER_SIZE = 20_000
+DEFAULT_FLUSH_INTERVAL_MS = 200
+DEFAULT_STORAGE_EXPIRATION_S = 24 * 3600
+DEFAULT_DEDUP_TTL_S = 24 * 3600
+#: Time the write task's hard limit adds to its soft limit, so a pump can clean up.
+HARD_LIMIT_GRACE_S = 5
+#: The Redis transport redelivers unacknowledged tasks after this margin past the longest task.
+VISIBILITY_MARGIN_S = 30
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SECRET_KEY_HINTS = ("password", "secret", "token", "api_key", "apikey", "credential")
+_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_GO_DURATION_UNITS_S = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
+    )
+
+
+def parse_duration_s(value: Any) -> float:
+    """Seconds from a number (seconds) or a Go duration string such as ``24h0m0s`` or ``1m30s``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration, got a boolean")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        if text and _GO_DURATION.sub("", text) == "":
+            return sum(
+                float(number) * _GO_DURATION_UNITS_S[unit]
+                for number, unit in _GO_DURATION.findall(text)
+            )
+    raise ValueError(f"expected seconds or a Go duration like '24h0m0s', got {value!r}")
+
+
+class FiltersConfig(_Model):
+    """Which records a pump receives: ``skip-usernames`` wins over ``usernames``."""
+
+    usernames: tuple[str, ...] = ()
+    skip_usernames: tuple[str, ...] = Field(
+        default=(), validation_alias=AliasChoices("skip-usernames", "skip_usernames")
+    )
+
+
+class PumpEntryConfig(_Model):
+    """One entry of ``pumps:``: the common fields; ``meta`` is validated by the pump's class."""
+
+    type: str
+    enabled: bool = True
+    filters: FiltersConfig = FiltersConfig()
+    timeout: float = Field(default=DEFAULT_PUMP_TIMEOUT_S, ge=0)
+    omit_detailed_recording: bool = False
+    max_record_size_bytes: int = Field(default=DEFAULT_MAX_RECORD_SIZE_BYTES, ge=64)
+    max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=100)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def timeout_s(self) -> float:
+        """The write task's soft time limit (iam's 0, "no timeout", becomes the default)."""
+        return self.timeout or float(DEFAULT_PUMP_TIMEOUT_S)
+
+    @property
+    def hard_time_limit_s(self) -> float:
+        """The write task's hard time limit."""
+        return self.timeout_s + HARD_LIMIT_GRACE_S
+
+
+class RedisConfig(_Model):
+    """iam's ``redis:`` block. ``host`` may carry a port (``127.0.0.1:6379``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=6379, ge=1, le=65535)
+    addrs: tuple[str, ...] = ()
+    username: str = ""
+    password: str = ""
+    database: int = Field(default=0, ge=0)
+    master_name: str = ""
+    optimisation_max_idle: int = Field(default=2000, ge=0)
+    optimisation_max_active: int = Field(default=4000, ge=0)
+    timeout: float = Field(default=0, ge=0)
+    enable_cluster: bool = False
+    use_ssl: bool = False
+    ssl_insecure_skip_verify: bool = False
+
+    @model_validator(mode="after")
+    def _supported(self) -> RedisConfig:
+        if self.enable_cluster:
+            raise ValueError(
+                "enable-cluster: Redis Cluster is not supported; point host at one node"
+            )
+        if self.master_name:
+            raise ValueError("master-name: Redis Sentinel is not supported; use broker-url")
+        if len(self.addrs) > 1:
+            raise ValueError("addrs: only one address is supported")
+        return self
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) pair, from ``addrs``, or from ``host`` with an optional port."""
+        text = self.addrs[0] if self.addrs else self.host
+        if text.count(":") == 1:
+            name, _, port = text.partition(":")
+            return name, int(port)
+        return text, self.port
+
+    @property
+    def url(self) -> str:
+        """A redis:// (or rediss://) URL for this server, usable by redis-py and kombu."""
+        host, port = self.address
+        scheme = "rediss" if self.use_ssl else "redis"
+        auth = ""
+        if self.password:
+            auth = f"{quote(self.username, safe='')}:{quote(self.password, safe='')}@"
+        url = f"{scheme}://{auth}{host}:{port}/{self.database}"
+        if self.use_ssl and self.ssl_insecure_skip_verify:
+            url += "?ssl_cert_reqs=none"
+        return url
+
+
+class AnalyticsConfig(_Model):
+    """The reporter's ``analytics:`` block (iam-authz-server's keys plus ``transport``)."""
+
+    enable: bool = True
+    pool_size: int = Field(default=DEFAULT_POOL_SIZE, ge=1, le=256)
+    records_buffer_size: int = Field(default=DEFAULT_RECORDS_BUFFER_SIZE, ge=1)
+    flush_interval: int = Field(default=DEFAULT_FLUSH_INTERVAL_MS, ge=1, description="ms")
+    enable_detailed_recording: bool = True
+    storage_expiration_time: float = DEFAULT_STORAGE_EXPIRATION_S
+    transport: Literal["celery", "redis-list"] = "celery"
+
+    @field_validator("storage_expiration_time", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration_s(value)
+
+
+class DeliveryConfig(_Model):
+    """How hard we try before a batch becomes a dead letter, and how the Redis list is drained."""
+
+    retry_backoff_base_s: float = Field(default=DEFAULT_RETRY_BACKOFF_BASE_S, gt=0)
+    retry_backoff_max_s: float = Field(default=DEFAULT_RETRY_BACKOFF_MAX_S, gt=0)
+    purge_chunk_size: int = Field(default=DEFAULT_PURGE_CHUNK_SIZE, ge=1, le=100_000)
+    dedup_ttl_s: int = Field(default=DEFAULT_DEDUP_TTL_S, ge=60)
+    visibility_timeout_s: float | None = Field(default=None, gt=0)
+
+
+class LogConfig(_Model):
+    """iam's ``log:`` block. ``level`` and ``format`` are used; iam's other keys are accepted so
+    an iam file loads, and reported as ignored at start-up."""
+
+    level: Literal["debug", "info", "warn", "warning", "error", "dpanic", "panic", "fatal"] = "info"
+    format: Literal["console", "json"] = "console"
+    name: str | None = None
+    development: bool | None = None
+    enable_color: bool | None = None
+    disable_color: bool | None = None
+    enable_caller: bool | None = None
+    disable_caller: bool | None = None
+    disable_stacktrace: bool | None = None
+    output_paths: str | None = None
+    error_output_paths: str | None = None
+
+
+class Settings(_Model):
+    """The whole validated configuration."""
+
+    purge_delay: int = Field(default=DEFAULT_PURGE_DELAY_S, ge=1)
+    health_check_path: str = "healthz"
+    health_check_address: str = "0.0.0.0:7070"
+    omit_detailed_recording: bool = False
+    analytics_key: str = Field(default=DEFAULT_ANALYTICS_KEY, min_length=1)
+    key_prefix: str = Field(default=DEFAULT_KEY_PREFIX, min_length=1)
+    broker_url: str | None = None
+    redis: RedisConfig = RedisConfig()
+    analytics: AnalyticsConfig = AnalyticsConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    log: LogConfig = LogConfig()
+    pumps: dict[str, PumpEntryConfig] = Field(default_factory=dict)
+    source: str = Field(default="", exclude=True)
+
+    @field_validator("pumps")
+    @classmethod
+    def _pump_names(cls, pumps: dict[str, PumpEntryConfig]) -> dict[str, PumpEntryConfig]:
+        for name in pumps:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"pump name {name!r} must be letters, digits, '_', '.', '-'")
+        return pumps
+
+    @field_validator("health_check_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        _host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(f"expected a Celery broker URL like amqp://... got {value!r}")
+        return value
+
+    @property
+    def broker(self) -> str:
+        """The Celery broker URL: ``broker-url`` or the ``redis:`` server."""
+        return self.broker_url or self.redis.url
+
+    @property
+    def enabled_pumps(self) -> dict[str, PumpEntryConfig]:
+        """The pumps that receive batches."""
+        return {name: entry for name, entry in self.pumps.items() if entry.enabled}
+
+    @property
+    def health_host_port(self) -> tuple[str, int]:
+        """``health-check-address`` split into host and port."""
+        host, _, port = self.health_check_address.rpartition(":")
+        return host or "0.0.0.0", int(port)
+
+    @property
+    def visibility_timeout_s(self) -> float:
+        """How long the Redis broker waits before redelivering an unacknowledged task.
+
+        Unless set, it is derived so it exceeds the longest task (the slowest pump's hard time
+        limit) and the longest retry countdown, with a margin: a task is never redelivered while
+        it still runs or waits, and a task held by a killed worker comes back soon after.
+        """
+        if self.delivery.visibility_timeout_s is not None:
+            return self.delivery.visibility_timeout_s
+        longest_task_s = max(
+            [entry.hard_time_limit_s for entry in self.pumps.values()] + [DEFAULT_PUMP_TIMEOUT_S]
+        )
+        return max(longest_task_s, self.delivery.retry_backoff_max_s) + VISIBILITY_MARGIN_S
+
+    def key(self, *parts: str) -> str:
+        """A Redis key of ours, under ``key-prefix``."""
+        return ":".join((self.key_prefix, *parts))
+
+
+def expand_env(value: Any, environ: dict[str, str] | None = None) -> Any:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` in every string of a parsed YAML tree.
+
+    A string that is a single reference to an unset variable without a default is removed from
+    its mapping, so the key's default applies.
+    """
+    env = os.environ if environ is None else environ
+    missing = object()
+
+    def expand(item: Any) -> Any:
+        if isinstance(item, dict):
+            out = {}
+            for key, inner in item.items():
+                expanded = expand(inner)
+                if expanded is not missing:
+                    out[key] = expanded
+            return out
+        if isinstance(item, list):
+            return [inner for inner in map(expand, item) if inner is not missing]
+        if isinstance(item, str) and "${" in item:
+            whole = _ENV_REFERENCE.fullmatch(item)
+            if whole and whole.group(2) is None and not env.get(whole.group(1)):
+                return missing
+            text = _ENV_REFERENCE.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), item)
+            return _scalar(text) if whole else text
+        return item
+
+    return expand(value)
+
+
+def _scalar(text: str) -> Any:
+    # A value that was only a reference is typed like YAML would type it ("6379" -> 6379).
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def default_config_text() -> str:
+    """The embedded default configuration (a CSV pump under ./analytics-data)."""
+    return resources.files("app").joinpath("default-config.yaml").read_text(encoding="utf-8")
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> str | None:
+    """The config file to use: the explicit path, else ``$IAM_PUMP_CONFIG``, else none."""
+    if explicit:
+        return os.fspath(explicit)
+    return os.environ.get(CONFIG_ENV_VAR) or None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read, expand and validate the configuration; raise :class:`ConfigError` on any problem."""
+    chosen = config_path(path)
+    if chosen is None:
+        return parse_settings(default_config_text(), source="<embedded default>")
+    try:
+        text = Path(chosen).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            [("", f"cannot read config file: {exc.strerror}")], source=chosen
+        ) from exc
+    return parse_settings(text, source=chosen)
+
+
+def parse_settings(text: str, *, source: str = "") -> Settings:
+    """Validate YAML text into :class:`Settings`, including every pump's ``meta``."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([("", f"not valid YAML: {exc}")], source=source) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([("", "the file must be a YAML mapping")], source=source)
+    raw = expand_env(raw)
+    try:
+        settings = Settings.model_validate({**raw, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc), source=source) from None
+    problems = _validate_pump_meta(settings)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return settings
+
+
+def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
+    problems = []
+    for error in exc.errors():
+        location = [str(part) for part in (*prefix, *error["loc"])]
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in error and error["type"] != "missing":
+            message = f"{message} (got {error['input']!r:.80})"
+        problems.append((".".join(location), message))
+    return problems
+
+
+def _validate_pump_meta(settings: Settings) -> list[tuple[str, str]]:
+    from pumps.errors import PumpConfigError, PumpUnavailableError
+    from pumps.registry import resolve_pump_class
+
+    problems: list[tuple[str, str]] = []
+    for name, entry in settings.pumps.items():
+        try:
+            pump_class = resolve_pump_class(entry.type)
+        except PumpUnavailableError:
+            # Only that pump fails, at write time, naming the extra to install.
+            continue
+        except PumpConfigError as exc:
+            problems.append((f"pumps.{name}.type", str(exc)))
+            continue
+        try:
+            pump_class.Meta.model_validate(entry.meta)
+        except ValidationError as exc:
+            problems += _problems(exc, ("pumps", name, "meta"))
+    return problems
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as plain data, with every secret replaced by ``***``."""
+    data = settings.model_dump(by_alias=True, mode="json")
+
+    def mask(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {
+                key: "***" if _is_secret(key) and item_value else mask(item_value)
+                for key, item_value in item.items()
+            }
+        if isinstance(item, list):
+            return [mask(inner) for inner in item]
+        if isinstance(item, str) and "://" in item:
+            return mask_url(item)
+        return item
+
+    return dict(mask(data))
+
+
+def _is_secret(key: str) -> bool:
+    lowered = key.lower()
+    return any(hint in lowered for hint in _SECRET_KEY_HINTS)
+
+
+def mask_url(url: str) -> str:
+    """A URL with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,81 @@
+"""How the reporter hands a batch over: as one Celery ``ingest`` task, or by RPUSH to iam's list.
+
+A transport is used by the reporter's shipping threads only, never by ``record_hit``. ``ship``
+raises :class:`~app.errors.ShipError` when the batch may not have arrived; the reporter then
+retries the same batch (same id) with backoff, and ingest drops the duplicate if the first try did
+arrive after all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import redis
+from celery import Celery
+
+from app.codec import encode_envelope, encode_go_row
+from app.errors import ShipError
+from tasks.names import INGEST_QUEUE, INGEST_TASK
+
+#: How long one attempt to reach the broker may take before it counts as failed.
+BROKER_CONNECT_TIMEOUT_S = 2.0
+
+
+class Transport(Protocol):
+    """Ships one batch; raises ShipError on failure."""
+
+    def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CeleryTransport:
+    """Sends each batch as one ``ingest`` task (msgpack bytes) through the Celery broker."""
+
+    def __init__(self, broker_url: str) -> None:
+        self._app = Celery("iam_pump_reporter", broker=broker_url, set_as_current=False)
+        self._app.conf.update(
+            task_serializer="msgpack",
+            accept_content=["msgpack"],
+            task_ignore_result=True,
+            broker_connection_timeout=BROKER_CONNECT_TIMEOUT_S,
+            broker_connection_retry=False,
+            broker_connection_retry_on_startup=False,
+            broker_transport_options={"max_retries": 0},
+        )
+
+    def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None:
+        try:
+            self._app.send_task(
+                INGEST_TASK,
+                args=(encode_envelope(batch_id, rows),),
+                queue=INGEST_QUEUE,
+                retry=False,
+            )
+        except Exception as exc:
+            raise ShipError(f"broker did not take batch {batch_id}: {exc}") from exc
+
+    def close(self) -> None:
+        self._app.close()
+
+
+class RedisListTransport:
+    """RPUSHes records to iam's list, byte-compatible with iam-authz-server."""
+
+    def __init__(self, redis_url: str, key: str) -> None:
+        self._key = key
+        self._redis = redis.Redis.from_url(
+            redis_url,
+            socket_connect_timeout=BROKER_CONNECT_TIMEOUT_S,
+            socket_timeout=BROKER_CONNECT_TIMEOUT_S * 5,
+        )
+
+    def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None:
+        try:
+            self._redis.rpush(self._key, *(encode_go_row(row) for row in rows))
+        except redis.RedisError as exc:
+            raise ShipError(f"Redis did not take batch {batch_id}: {exc}") from exc
+
+    def close(self) -> None:
+        self._redis.close()

@@ -1,0 +1,78 @@
+"""Celery settings, derived from the validated iam-pump configuration.
+
+Celery reads this module when the app is first configured. A bad config file stops the process
+here, with every bad key named, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from kombu import Exchange, Queue
+
+from app.config import Settings
+from app.errors import ConfigError
+from app.runtime import settings as _load_settings
+from tasks.names import INGEST_QUEUE, INGEST_TASK, PURGE_QUEUE, PURGE_TASK, pump_queue
+
+#: How often kombu's Redis transport looks for unacknowledged tasks to restore.
+UNACKED_RESTORE_INTERVAL_S = 10
+#: On SIGTERM, how long running tasks may finish before unfinished ones are requeued.
+SOFT_SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def _settings() -> Settings:
+    try:
+        return _load_settings()
+    except ConfigError as exc:
+        print(f"iam-pump: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+_pump_settings = _settings()
+
+broker_url = _pump_settings.broker
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    "visibility_timeout": _pump_settings.visibility_timeout_s,
+    "unacked_restore_interval": UNACKED_RESTORE_INTERVAL_S,
+}
+
+task_serializer = "msgpack"
+result_serializer = "msgpack"
+accept_content = ["msgpack"]
+task_ignore_result = True
+result_backend = None
+
+# At-least-once: a task is acknowledged only after it has run, a task whose pool process died is
+# requeued, and a worker holds one unstarted task per process at most.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+worker_soft_shutdown_timeout = SOFT_SHUTDOWN_TIMEOUT_S
+worker_enable_soft_shutdown_on_idle = True
+worker_cancel_long_running_tasks_on_connection_loss = True
+
+
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+task_queues = [
+    _queue(INGEST_QUEUE),
+    _queue(PURGE_QUEUE),
+    *(_queue(pump_queue(name)) for name in _pump_settings.enabled_pumps),
+]
+task_default_queue = INGEST_QUEUE
+task_routes = {
+    INGEST_TASK: {"queue": INGEST_QUEUE},
+    PURGE_TASK: {"queue": PURGE_QUEUE},
+}
+
+beat_schedule = {
+    "purge-redis-list": {
+        "task": PURGE_TASK,
+        "schedule": float(_pump_settings.purge_delay),
+        "options": {"queue": PURGE_QUEUE, "expires": float(_pump_settings.purge_delay)},
+    }
+}

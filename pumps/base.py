@@ -1,0 +1,74 @@
+"""The pump contract.
+
+A pump writes batches of :class:`~app.record.AnalyticsRecord` to one sink. The write task owns
+everything around the write - filters, omit-detailed, size limits, time limits, retries, dead
+letters - so a pump only has to:
+
+* declare its ``meta`` schema as a pydantic model in ``Meta`` (validated at start-up, so a bad
+  key stops the process with its path named);
+* open its client in :meth:`Pump.open` (called in the worker process, after the fork) and release
+  it in :meth:`Pump.close`;
+* write in :meth:`Pump.write`, raising :class:`~pumps.errors.PumpTemporaryError` when a retry may
+  help and :class:`~pumps.errors.PumpPermanentError` when it cannot, and returning the records the
+  sink refused one by one (they become dead letters, the rest of the batch is committed);
+* tell the truth in :meth:`Pump.check`, used by the health endpoint.
+
+Set ``upserts = True`` when writing the same record id twice stores it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from app.record import AnalyticsRecord
+
+
+class NoMeta(BaseModel):
+    """The ``meta`` schema of a pump that takes no settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(slots=True)
+class WriteResult:
+    """What a write did: the records the sink refused, each with the reason."""
+
+    rejected: list[tuple[AnalyticsRecord, str]] = field(default_factory=list)
+
+
+class Pump:
+    """Base class of every pump; every hook but :meth:`write` defaults to doing nothing."""
+
+    Meta: ClassVar[type[BaseModel]] = NoMeta
+    #: True when the sink stores a record id once however often it is written.
+    upserts: ClassVar[bool] = False
+
+    def __init__(self, name: str, meta: BaseModel, *, timeout_s: float) -> None:
+        self.name = name
+        self.meta = meta
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def create(cls, name: str, meta: dict[str, Any], *, timeout_s: float) -> Pump:
+        """Build a pump from its raw ``meta`` (validated here, already checked at start-up)."""
+        return cls(name, cls.Meta.model_validate(meta), timeout_s=timeout_s)
+
+    def open(self) -> None:
+        """Connect to the sink. Called once per worker process, before the first write."""
+
+    def write(self, records: Sequence[AnalyticsRecord]) -> WriteResult | None:
+        """Write the records; see the module docstring for the error contract."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise a :class:`~pumps.errors.PumpError` saying why the sink is unusable, if it is."""
+
+    def close(self) -> None:
+        """Release the client. Called on worker shutdown; must be safe to call twice."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -1,0 +1,67 @@
+"""Pump types by name: the built-ins plus the ``iam_pump.pumps`` entry-point group.
+
+A type is resolved from a ``module:Class`` string only when a config names it, so an unused
+pump's driver is never imported. Another package adds a pump with::
+
+    [project.entry-points."iam_pump.pumps"]
+    mysink = "mypackage.pump:MySinkPump"
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from functools import cache
+from importlib.metadata import entry_points
+
+from pumps.base import Pump
+from pumps.errors import PumpConfigError, PumpUnavailableError
+
+ENTRY_POINT_GROUP = "iam_pump.pumps"
+
+BUILTIN_PUMPS: dict[str, str] = {
+    "csv": "pumps.csv:CSVPump",
+    "stdout": "pumps.stdout:StdoutPump",
+    "memory": "pumps.memory:MemoryPump",
+}
+
+#: The pip extra that brings the driver of a built-in pump whose driver is optional.
+OPTIONAL_EXTRAS: dict[str, str] = {}
+
+
+@cache
+def available_pumps() -> dict[str, str]:
+    """Every pump type name and the ``module:Class`` that implements it."""
+    pumps = dict(BUILTIN_PUMPS)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in pumps and pumps[entry.name] != entry.value:
+            raise PumpConfigError(
+                f"pump type {entry.name!r} from entry point {entry.value!r} clashes with "
+                f"{pumps[entry.name]!r}"
+            )
+        pumps[entry.name] = entry.value
+    return pumps
+
+
+def resolve_pump_class(type_name: str) -> type[Pump]:
+    """The class for a pump type; raises :class:`PumpConfigError` with a suggestion if unknown."""
+    pumps = available_pumps()
+    target = pumps.get(type_name)
+    if target is None:
+        close = difflib.get_close_matches(type_name, pumps, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        known = ", ".join(sorted(pumps))
+        raise PumpConfigError(f"unknown pump type {type_name!r}{hint} (known: {known})")
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        extra = OPTIONAL_EXTRAS.get(type_name)
+        how = f"pip install 'iam-pump[{extra}]'" if extra else "install its package"
+        raise PumpUnavailableError(
+            f"pump type {type_name!r} needs {exc.name or 'a missing module'}: {how}"
+        ) from exc
+    pump_class = getattr(module, class_name, None)
+    if not (isinstance(pump_class, type) and issubclass(pump_class, Pump)):
+        raise PumpConfigError(f"{target!r} is not a Pump subclass")
+    return pump_class

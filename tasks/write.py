@@ -1,0 +1,143 @@
+"""The write task: one clean batch into one pump, with retries and dead letters.
+
+Runs on queue ``pump.<name>``. The pump's ``timeout`` is the task's soft time limit (the hard
+limit adds a few seconds). A temporary failure is retried with exponential backoff and
+jitter, up to the pump's ``max-retries``; after that, or on a permanent failure, the batch is
+kept in the dead-letter store with the error. Records refused one by one (by the size limit or by
+the sink) are kept there too, and the rest of the batch is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+
+from app import runtime
+from app.celery_app import app
+from app.codec import decode_clean_batch
+from pumps.errors import PumpConfigError, PumpPermanentError, PumpTemporaryError
+from pumps.pipeline import run_pipeline
+from tasks.dead_letters import DeadLetterStore
+from tasks.names import WRITE_TASK
+
+logger = logging.getLogger(__name__)
+
+
+def backoff_s(retries: int, *, base_s: float, max_s: float) -> float:
+    """Exponential backoff with jitter: uniform in [c/2, c], c = min(max, base * 2**retries)."""
+    ceiling = min(max_s, base_s * (2 ** min(retries, 32)))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+@app.task(name=WRITE_TASK, bind=True, acks_late=True, max_retries=None)
+def write(self: Task, pump_name: str, payload: bytes) -> dict[str, Any]:
+    """Write a clean batch with pump ``pump_name``."""
+    settings = runtime.settings()
+    client = runtime.redis_client()
+    dead_letters = DeadLetterStore(client, settings)
+    batch_id, records = decode_clean_batch(payload)
+    entry = settings.pumps.get(pump_name)
+    attempts = self.request.retries + 1
+    if entry is None:
+        dead_letters.put_batch(
+            pump_name,
+            batch_id,
+            payload,
+            stage="write",
+            attempts=attempts,
+            error=f"pump {pump_name!r} is not in the configuration",
+            record_count=len(records),
+        )
+        return {"batch": batch_id, "written": 0, "dead_lettered": len(records)}
+
+    kept, rejects = run_pipeline(runtime.pipeline(pump_name), records)
+    error: Exception | None = None
+    written = 0
+    try:
+        if kept:
+            result = runtime.pump(pump_name).write(kept)
+            if result is not None and result.rejected:
+                rejects.extend(result.rejected)
+            written = len(kept) - (len(result.rejected) if result is not None else 0)
+    except PumpPermanentError as exc:
+        dead_letters.put_batch(
+            pump_name,
+            batch_id,
+            payload,
+            stage="write",
+            attempts=attempts,
+            error=str(exc),
+            record_count=len(records),
+        )
+        logger.error("pump %s: batch %s dead-lettered: %s", pump_name, batch_id, exc)
+        return {"batch": batch_id, "written": 0, "dead_lettered": len(records)}
+    except SoftTimeLimitExceeded:
+        error = PumpTemporaryError(f"write took longer than the pump timeout ({entry.timeout_s}s)")
+    except (PumpTemporaryError, PumpConfigError) as exc:
+        error = exc
+    except Exception as exc:
+        logger.exception("pump %s: unexpected error writing batch %s", pump_name, batch_id)
+        error = PumpTemporaryError(f"{type(exc).__name__}: {exc}")
+
+    if rejects:
+        dead_letters.put_records(pump_name, batch_id, rejects, stage="records")
+    if error is not None:
+        return _retry_or_dead_letter(self, pump_name, batch_id, payload, len(records), error)
+
+    stats = client.pipeline(transaction=False)
+    stats.hincrby(settings.key("stats"), f"written_records:{pump_name}", written)
+    stats.hincrby(settings.key("stats"), f"written_batches:{pump_name}", 1)
+    stats.execute()
+    return {"batch": batch_id, "written": written, "dead_lettered": len(rejects)}
+
+
+def _retry_or_dead_letter(
+    task: Task, pump_name: str, batch_id: str, payload: bytes, count: int, error: Exception
+) -> dict[str, Any]:
+    settings = runtime.settings()
+    entry = settings.pumps[pump_name]
+    retries = task.request.retries
+    if retries >= entry.max_retries:
+        DeadLetterStore(runtime.redis_client(), settings).put_batch(
+            pump_name,
+            batch_id,
+            payload,
+            stage="write",
+            attempts=retries + 1,
+            error=str(error),
+            record_count=count,
+        )
+        logger.error(
+            "pump %s: batch %s dead-lettered after %d attempts: %s",
+            pump_name,
+            batch_id,
+            retries + 1,
+            error,
+        )
+        return {"batch": batch_id, "written": 0, "dead_lettered": count}
+    countdown = backoff_s(
+        retries,
+        base_s=settings.delivery.retry_backoff_base_s,
+        max_s=settings.delivery.retry_backoff_max_s,
+    )
+    logger.warning(
+        "pump %s: batch %s attempt %d failed (%s); retrying in %.1fs",
+        pump_name,
+        batch_id,
+        retries + 1,
+        error,
+        countdown,
+    )
+    runtime.redis_client().hincrby(settings.key("stats"), f"retries:{pump_name}", 1)
+    try:
+        raise task.retry(countdown=countdown, exc=error)
+    except Retry:
+        raise
+    except Exception as exc:
+        # The retry could not be published (broker unreachable): give the message back rather
+        # than let Celery drop it.
+        raise Reject(f"retry not published: {exc}", requeue=True) from exc
