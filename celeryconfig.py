@@ -17,6 +17,8 @@ from tasks.names import INGEST_QUEUE, INGEST_TASK, PURGE_QUEUE, PURGE_TASK, pump
 
 #: How often kombu's Redis transport looks for unacknowledged tasks to restore.
 UNACKED_RESTORE_INTERVAL_S = 10
+#: How long kombu's restore lock may outlive the worker that took it.
+UNACKED_MUTEX_EXPIRE_S = 30
 #: On SIGTERM, how long running tasks may finish before unfinished ones are requeued.
 SOFT_SHUTDOWN_TIMEOUT_S = 10.0
 
@@ -35,7 +37,20 @@ broker_url = _pump_settings.broker
 broker_connection_retry_on_startup = True
 broker_transport_options = {
     "visibility_timeout": _pump_settings.visibility_timeout_s,
+    # Look for tasks of dead workers every 10 s, and really scan each time (kombu's default
+    # throttle scans every 10th time), so they come back within visibility timeout + 10 s.
     "unacked_restore_interval": UNACKED_RESTORE_INTERVAL_S,
+    "unacked_restore_throttle": 1,
+    # A worker killed while it held the restore lock blocks restores for this long only.
+    "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
+}
+# Publishing (fan-out, retries) rides out a short broker hiccup before giving up.
+task_publish_retry = True
+task_publish_retry_policy = {
+    "max_retries": 10,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 3,
 }
 
 task_serializer = "msgpack"
@@ -50,7 +65,7 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_soft_shutdown_timeout = SOFT_SHUTDOWN_TIMEOUT_S
-worker_enable_soft_shutdown_on_idle = True
+worker_enable_soft_shutdown_on_idle = False
 worker_cancel_long_running_tasks_on_connection_loss = True
 
 

@@ -8,12 +8,15 @@ first configured.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import click
 from celery import Celery, signals
 
 from app.config import CONFIG_ENV_VAR
+
+REMAP_SIGTERM_ENV_VAR = "REMAP_SIGTERM"
 
 app = Celery("iam_pump", include=["tasks.ingest", "tasks.purge", "tasks.write"])
 app.config_from_object("celeryconfig")
@@ -27,10 +30,17 @@ app.user_options["preload"].add(
 
 
 @signals.user_preload_options.connect
-def _use_config_option(options: dict[str, Any], **_: Any) -> None:
+def _use_config_option(sender: Any, options: dict[str, Any], **_: Any) -> None:
     path = options.get("config")
     if path:
         os.environ[CONFIG_ENV_VAR] = os.path.abspath(path)
+    if getattr(sender, "__name__", "") == "worker" and REMAP_SIGTERM_ENV_VAR not in os.environ:
+        # SIGTERM must requeue unfinished tasks at once (Celery's cold shutdown after the soft
+        # shutdown period), not leave them to the visibility timeout if the orchestrator's
+        # SIGKILL follows. Celery reads this variable when it is imported, so start again with
+        # it set. Setting REMAP_SIGTERM yourself (to anything) keeps your choice.
+        os.environ[REMAP_SIGTERM_ENV_VAR] = "SIGQUIT"
+        os.execv(sys.executable, [sys.executable, "-m", "celery", *sys.argv[1:]])
 
 
 @signals.worker_process_shutdown.connect

@@ -10,7 +10,8 @@ Three byte formats exist, all msgpack:
   each item is one Go record exactly as it was read.
 * **Clean batch** - what ``ingest`` hands to every pump's write task once it has validated the
   records: ``{"id": str, "records": [[position, *row], ...]}``. The position is the record's
-  index in the envelope, so ``<batch id>-<position>`` names a record the same way on every redelivery.
+  index in the envelope, so ``<batch id>-<position>`` names a record the same way on every
+  redelivery.
 
 A row is ``[timestamp, username, effect, conclusion, request, policies, deciders, expire_at]``.
 """

@@ -282,16 +282,19 @@ class Settings(_Model):
     def visibility_timeout_s(self) -> float:
         """How long the Redis broker waits before redelivering an unacknowledged task.
 
-        Unless set, it is derived so it exceeds the longest task (the slowest pump's hard time
-        limit) and the longest retry countdown, with a margin: a task is never redelivered while
-        it still runs or waits, and a task held by a killed worker comes back soon after.
+        The Redis transport starts this clock when a worker receives a task, and a retried task
+        is held by the worker during its countdown, so it must exceed the longest countdown plus
+        the longest run (the slowest pump's hard time limit). Unless set, it is exactly that plus
+        a margin: no task is redelivered while it still runs or waits, and a task held by a
+        killed worker comes back soon after (about 95 s with the defaults).
         """
         if self.delivery.visibility_timeout_s is not None:
             return self.delivery.visibility_timeout_s
         longest_task_s = max(
-            [entry.hard_time_limit_s for entry in self.pumps.values()] + [DEFAULT_PUMP_TIMEOUT_S]
+            [entry.hard_time_limit_s for entry in self.pumps.values()]
+            + [DEFAULT_PUMP_TIMEOUT_S + HARD_LIMIT_GRACE_S]
         )
-        return max(longest_task_s, self.delivery.retry_backoff_max_s) + VISIBILITY_MARGIN_S
+        return longest_task_s + self.delivery.retry_backoff_max_s + VISIBILITY_MARGIN_S
 
     def key(self, *parts: str) -> str:
         """A Redis key of ours, under ``key-prefix``."""
@@ -373,12 +376,14 @@ def parse_settings(text: str, *, source: str = "") -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError([("", "the file must be a YAML mapping")], source=source)
     raw = expand_env(raw)
+    problems: list[tuple[str, str]] = []
+    settings: Settings | None = None
     try:
         settings = Settings.model_validate({**raw, "source": source})
     except ValidationError as exc:
-        raise ConfigError(_problems(exc), source=source) from None
-    problems = _validate_pump_meta(settings)
-    if problems:
+        problems += _problems(exc)
+    problems += _validate_pump_meta(raw.get("pumps"))
+    if problems or settings is None:
         raise ConfigError(problems, source=source)
     return settings
 
@@ -396,22 +401,29 @@ def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[
     return problems
 
 
-def _validate_pump_meta(settings: Settings) -> list[tuple[str, str]]:
+def _validate_pump_meta(pumps: Any) -> list[tuple[str, str]]:
+    # Runs on the raw mapping, so a bad pump type or meta is reported together with every
+    # other problem of the file.
     from pumps.errors import PumpConfigError, PumpUnavailableError
     from pumps.registry import resolve_pump_class
 
+    if not isinstance(pumps, dict):
+        return []
     problems: list[tuple[str, str]] = []
-    for name, entry in settings.pumps.items():
+    for name, entry in pumps.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            continue
         try:
-            pump_class = resolve_pump_class(entry.type)
+            pump_class = resolve_pump_class(entry["type"])
         except PumpUnavailableError:
             # Only that pump fails, at write time, naming the extra to install.
             continue
         except PumpConfigError as exc:
             problems.append((f"pumps.{name}.type", str(exc)))
             continue
+        meta = entry.get("meta") or {}
         try:
-            pump_class.Meta.model_validate(entry.meta)
+            pump_class.Meta.model_validate(meta)
         except ValidationError as exc:
             problems += _problems(exc, ("pumps", name, "meta"))
     return problems
@@ -419,7 +431,7 @@ def _validate_pump_meta(settings: Settings) -> list[tuple[str, str]]:
 
 def masked(settings: Settings) -> dict[str, Any]:
     """The effective configuration as plain data, with every secret replaced by ``***``."""
-    data = settings.model_dump(by_alias=True, mode="json")
+    data = settings.model_dump(by_alias=True, mode="json", exclude_none=True)
 
     def mask(item: Any) -> Any:
         if isinstance(item, dict):

@@ -1,7 +1,8 @@
 """The dead-letter store: batches and records that could not be delivered, kept with the reason.
 
 Entries live in Redis (the ``redis:`` server), one hash per group,
-``<prefix>:dead-letters:<group>``, where the group is a pump name, or ``ingest`` for records that could not even be decoded. Entry ids
+``<prefix>:dead-letters:<group>``, where the group is a pump name, or ``ingest`` for records that
+could not even be decoded. Entry ids
 are deterministic (batch id, stage), so a batch dead-lettered twice after a redelivery is kept once.
 
 An entry holds either a clean batch (``payload``, replayable into its pump's queue) or, for input

@@ -1,0 +1,207 @@
+"""The ``iam-pump`` command line.
+
+Exit status: 0 success, 1 an operation failed (unhealthy, entry not found, ...), 2 bad
+configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from app.config import CONFIG_ENV_VAR, Settings, load_settings, masked
+from app.errors import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Load the config named on the command line; also make it the one Celery reads."""
+    if args.config:
+        os.environ[CONFIG_ENV_VAR] = os.path.abspath(args.config)
+    return load_settings(args.config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(f"# {settings.source}: valid")
+    print(yaml.safe_dump(masked(settings), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from app.health import HealthServer
+    from app.runtime import redis_client
+
+    settings = _settings(args)
+    env = dict(os.environ, REMAP_SIGTERM="SIGQUIT")
+    with tempfile.TemporaryDirectory(prefix="iam-pump-") as state_dir:
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "app",
+            "worker",
+            "--beat",
+            "-s",
+            os.path.join(state_dir, "beat-schedule"),
+            "-l",
+            args.loglevel,
+        ]
+        if args.concurrency:
+            command += ["-c", str(args.concurrency)]
+        health = HealthServer(settings, redis_client(settings))
+        health.start()
+        worker = subprocess.Popen(command, env=env)
+        demo = None
+        if args.demo:
+            from app.demo import DemoProducer
+
+            demo = DemoProducer(settings, rate_per_s=args.demo_rate)
+            demo.start()
+            print(f"demo producer: {args.demo_rate} records/s; Ctrl+C to stop", flush=True)
+        stopping = False
+
+        def stop(signum: int, frame: Any) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        while not stopping and worker.poll() is None:
+            time.sleep(0.2)
+        if demo is not None:
+            demo.stop()
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+        code = worker.wait()
+        health.stop()
+        return code if code >= 0 else EXIT_FAILED
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from app.demo import DemoProducer
+
+    settings = _settings(args)
+    demo = DemoProducer(settings, rate_per_s=args.rate)
+    demo.start()
+    with contextlib.suppress(KeyboardInterrupt):
+        time.sleep(args.duration)
+    demo.stop()
+    stats = demo.analytics.stats()
+    print(
+        f"produced {demo.produced} records; reporter shipped {stats.shipped_records}, "
+        f"dropped {stats.dropped}"
+    )
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from app.health import HealthChecker
+    from app.runtime import redis_client
+    from tasks.dead_letters import DeadLetterStore
+
+    settings = _settings(args)
+    client = redis_client(settings)
+    checker = HealthChecker(settings, client)
+    report = checker.check()
+    checker.close()
+    print(f"status: {'ok' if report.healthy else 'UNHEALTHY'}")
+    for name, result in report.checks.items():
+        print(f"  {name:<24} {result}")
+    if report.checks["redis"] != "ok":
+        return EXIT_FAILED
+    print(f"redis list {settings.analytics_key}: {client.llen(settings.analytics_key)} records")
+    stats = {k.decode(): int(v) for k, v in client.hgetall(settings.key("stats")).items()}
+    for key in sorted(stats):
+        print(f"  {key:<40} {stats[key]}")
+    store = DeadLetterStore(client, settings)
+    for group in store.groups():
+        print(f"dead letters {group}: {store.count(group)} entries")
+    return EXIT_OK if report.healthy else EXIT_FAILED
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from app import dead_letter_cli
+
+    settings = _settings(args)
+    return dead_letter_cli.run(args, settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iam-pump",
+        description="Collect analytics records and deliver them to MongoDB, Elasticsearch, "
+        "CSV and more, through Celery.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help=f"YAML config file (default: ${CONFIG_ENV_VAR}, else the embedded default)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run", parents=[common], help="worker + beat + health endpoint in one command"
+    )
+    run.add_argument("--demo", action="store_true", help="also run a demo producer")
+    run.add_argument("--demo-rate", type=int, default=200, help="demo records per second")
+    run.add_argument("--concurrency", type=int, default=0, help="worker processes")
+    run.add_argument("--loglevel", default="info")
+    run.set_defaults(func=cmd_run)
+
+    check = commands.add_parser(
+        "check-config", parents=[common], help="validate the config and print it (secrets masked)"
+    )
+    check.set_defaults(func=cmd_check_config)
+
+    status = commands.add_parser(
+        "status", parents=[common], help="health checks, backlog, counters, dead letters"
+    )
+    status.set_defaults(func=cmd_status)
+
+    demo = commands.add_parser("demo", parents=[common], help="produce demo records for a while")
+    demo.add_argument("--rate", type=int, default=200, help="records per second")
+    demo.add_argument("--duration", type=float, default=10.0, help="seconds")
+    demo.set_defaults(func=cmd_demo)
+
+    from app import dead_letter_cli
+
+    dead = commands.add_parser("dead-letters", help="list, show, replay or drop dead letters")
+    dead_letter_cli.add_commands(dead, common)
+    dead.set_defaults(func=cmd_dead_letters)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"iam-pump: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Health and metrics over HTTP: ``GET /<health-check-path>`` and ``GET /metrics``.
+
+The health check tells the truth: 200 ``{"status": "ok", ...}`` only when Redis answers, the
+broker answers and every enabled pump says it is usable; otherwise 503 with the failing checks
+named and why. Metrics are read from Redis (the counters every worker keeps there, the list and
+queue lengths, the dead letters), so one endpoint shows the whole fleet, however many worker
+processes and machines there are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import redis
+from kombu import Connection
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from app.config import Settings
+from pumps.base import Pump
+from pumps.errors import PumpError
+from pumps.registry import resolve_pump_class
+from tasks.names import INGEST_QUEUE, PURGE_QUEUE, pump_queue
+
+logger = logging.getLogger(__name__)
+
+CHECK_TIMEOUT_S = 2.0
+_COUNTERS = {
+    "ingested_batches": ("iam_pump_ingested_batches", "Batches validated and fanned out."),
+    "ingested_records": ("iam_pump_ingested_records", "Records validated and fanned out."),
+    "malformed_records": ("iam_pump_malformed_records", "Records set aside as malformed."),
+    "purged_records": ("iam_pump_purged_records", "Records moved off iam's Redis list."),
+}
+_PER_PUMP_COUNTERS = {
+    "written_records": ("iam_pump_written_records", "Records written by a pump."),
+    "written_batches": ("iam_pump_written_batches", "Batches written by a pump."),
+    "retries": ("iam_pump_write_retries", "Write attempts that failed and were retried."),
+    "dead_lettered_records": ("iam_pump_dead_lettered_records", "Records sent to dead letters."),
+}
+
+
+@dataclass
+class HealthReport:
+    """The outcome of every check: ``checks`` maps a check name to "ok" or the reason."""
+
+    checks: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def healthy(self) -> bool:
+        return all(result == "ok" for result in self.checks.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        failing = [name for name, result in self.checks.items() if result != "ok"]
+        body: dict[str, Any] = {"status": "ok" if not failing else "unhealthy"}
+        if failing:
+            body["failing"] = failing
+        body["checks"] = self.checks
+        return body
+
+
+class HealthChecker:
+    """Runs the checks; pump instances are made once and reused between checks."""
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.redis = client
+        self._pumps: dict[str, Pump] = {}
+        self._lock = threading.Lock()
+
+    def check(self) -> HealthReport:
+        report = HealthReport()
+        report.checks["redis"] = self._check_redis()
+        report.checks["broker"] = self._check_broker()
+        for name in self.settings.enabled_pumps:
+            report.checks[f"pump:{name}"] = self._check_pump(name)
+        return report
+
+    def _check_redis(self) -> str:
+        try:
+            self.redis.ping()
+            return "ok"
+        except redis.RedisError as exc:
+            return f"Redis did not answer: {exc}"
+
+    def _check_broker(self) -> str:
+        try:
+            with Connection(self.settings.broker, connect_timeout=CHECK_TIMEOUT_S) as connection:
+                connection.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT_S)
+            return "ok"
+        except Exception as exc:
+            return f"broker did not answer: {exc}"
+
+    def _check_pump(self, name: str) -> str:
+        entry = self.settings.pumps[name]
+        try:
+            with self._lock:
+                instance = self._pumps.get(name)
+                if instance is None:
+                    instance = resolve_pump_class(entry.type).create(
+                        name, entry.meta, timeout_s=min(entry.timeout_s, CHECK_TIMEOUT_S)
+                    )
+                    self._pumps[name] = instance
+            instance.check()
+            return "ok"
+        except PumpError as exc:
+            return str(exc)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    def close(self) -> None:
+        with self._lock:
+            for instance in self._pumps.values():
+                try:
+                    instance.close()
+                except Exception:
+                    logger.exception("closing %r after health checks failed", instance)
+            self._pumps.clear()
+
+
+class PumpMetrics(Collector):
+    """Prometheus metrics read from Redis at each scrape."""
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.redis = client
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            stats = {
+                key.decode(): int(value)
+                for key, value in self.redis.hgetall(self.settings.key("stats")).items()
+            }
+        except redis.RedisError as exc:
+            logger.warning("metrics: Redis did not answer: %s", exc)
+            up = GaugeMetricFamily("iam_pump_redis_up", "1 when Redis answered the scrape.")
+            up.add_metric([], 0)
+            yield up
+            return
+        up = GaugeMetricFamily("iam_pump_redis_up", "1 when Redis answered the scrape.")
+        up.add_metric([], 1)
+        yield up
+        for key, (name, documentation) in _COUNTERS.items():
+            counter = CounterMetricFamily(name, documentation)
+            counter.add_metric([], stats.get(key, 0))
+            yield counter
+        for key, (name, documentation) in _PER_PUMP_COUNTERS.items():
+            label = "group" if key == "dead_lettered_records" else "pump"
+            counter = CounterMetricFamily(name, documentation, labels=[label])
+            for stat, value in stats.items():
+                prefix, _, pump_name = stat.partition(":")
+                if prefix == key and pump_name:
+                    counter.add_metric([pump_name], value)
+            yield counter
+        backlog = GaugeMetricFamily(
+            "iam_pump_redis_list_length", "Records waiting in iam's Redis list."
+        )
+        backlog.add_metric([], int(self.redis.llen(self.settings.analytics_key)))
+        yield backlog
+        if self.settings.broker.startswith(("redis://", "rediss://")) and (
+            self.settings.broker_url is None
+        ):
+            queues = GaugeMetricFamily(
+                "iam_pump_queue_length", "Tasks waiting in a Celery queue.", labels=["queue"]
+            )
+            names = [INGEST_QUEUE, PURGE_QUEUE] + [
+                pump_queue(name) for name in self.settings.enabled_pumps
+            ]
+            for name in names:
+                queues.add_metric([name], int(self.redis.llen(name)))
+            yield queues
+        from tasks.dead_letters import DeadLetterStore
+
+        store = DeadLetterStore(self.redis, self.settings)
+        entries = GaugeMetricFamily(
+            "iam_pump_dead_letter_entries", "Dead-letter entries kept.", labels=["group"]
+        )
+        for group in store.groups():
+            entries.add_metric([group], store.count(group))
+        yield entries
+
+
+class HealthServer:
+    """The HTTP endpoint, served from a daemon thread."""
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        self.settings = settings
+        self.checker = HealthChecker(settings, client)
+        self.registry = CollectorRegistry()
+        self.registry.register(PumpMetrics(settings, client))
+        host, port = settings.health_host_port
+        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+        health_path = "/" + self.settings.health_check_path.strip("/")
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path in (health_path, "/healthz"):
+                    report = server.checker.check()
+                    body = json.dumps(report.as_dict()).encode()
+                    self._send(200 if report.healthy else 503, "application/json", body)
+                elif path == "/metrics":
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(server.registry))
+                else:
+                    self._send(404, "application/json", b'{"error": "not found"}')
+
+            def _send(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                logger.debug("health: " + format, *args)
+
+        return Handler
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="health-http", daemon=True
+        )
+        self._thread.start()
+        logger.info("health endpoint on http://%s:%d", *self.address)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self.checker.close()

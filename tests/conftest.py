@@ -1,0 +1,60 @@
+"""Fixtures. A fixture for a server that is absent skips locally and fails when CI is set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support import IN_CI, REDIS_HOST, REDIS_PORT, TEST_REDIS_DB, Proc, port_open
+
+
+def require(available: bool, what: str) -> None:
+    """Skip (locally) or fail (in CI) when a server the test needs is not there."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is not available, and CI must run every test")
+    pytest.skip(f"{what} is not available")
+
+
+@pytest.fixture
+def redis_db() -> Iterator[redis.Redis]:
+    """The integration tests' own Redis database, empty at the start of the test."""
+    require(port_open(REDIS_HOST, REDIS_PORT), f"Redis on {REDIS_HOST}:{REDIS_PORT}")
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=TEST_REDIS_DB)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    """Processes a test starts; all stopped (SIGTERM, then SIGKILL) when it ends."""
+    started: list[Proc] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop(timeout_s=15)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test reads its own config: clear the per-process caches around it."""
+    from app import runtime
+    from pumps.memory import MemoryPump
+
+    monkeypatch.delenv("IAM_PUMP_CONFIG", raising=False)
+    runtime.settings.cache_clear()
+    runtime.pipeline.cache_clear()
+    MemoryPump.reset()
+    yield
+    runtime.close_pumps()
+    runtime.settings.cache_clear()
+    runtime.pipeline.cache_clear()
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    return tmp_path

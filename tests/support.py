@@ -1,0 +1,210 @@
+"""Test support: real servers, real Celery processes, config files. Used by the fixtures."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+IN_CI = bool(os.environ.get("CI"))
+REDIS_HOST = os.environ.get("REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("REDIS_PORT", "6379"))
+#: The Redis database the integration tests own: flushed at the start of every test.
+TEST_REDIS_DB = int(os.environ.get("IAM_PUMP_TEST_REDIS_DB", "11"))
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    """True when something accepts TCP connections there."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout_s):
+        return True
+    return False
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    """Write a YAML config file and return its path."""
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def base_config(
+    tmp_path: Path, *, redis_port: int = REDIS_PORT, db: int = TEST_REDIS_DB, **overrides: Any
+) -> dict[str, Any]:
+    """A config for one test: its own Redis database, a CSV pump under tmp_path."""
+    config: dict[str, Any] = {
+        "purge-delay": 1,
+        "health-check-address": f"127.0.0.1:{free_port()}",
+        "redis": {"host": REDIS_HOST, "port": redis_port, "database": db},
+        "delivery": {"retry-backoff-base-s": 0.2, "retry-backoff-max-s": 2},
+        "pumps": {"csv": {"type": "csv", "meta": {"csv_dir": str(tmp_path / "csv")}}},
+    }
+    config.update(overrides)
+    return config
+
+
+class Proc:
+    """A child process started by a test, with its output in a log file."""
+
+    def __init__(self, args: list[str], *, env: dict[str, str], log: Path, cwd: Path) -> None:
+        self.args = args
+        self.log = log
+        self._log_file = log.open("ab")
+        self.popen = subprocess.Popen(
+            args,
+            env=env,
+            cwd=cwd,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def wait_for_output(self, text: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in self.output():
+                return
+            if self.popen.poll() is not None:
+                raise AssertionError(
+                    f"{self.args[:4]} exited {self.popen.returncode}:\n{self.output()[-3000:]}"
+                )
+            time.sleep(0.1)
+        raise AssertionError(
+            f"no {text!r} from {self.args[:4]} in {timeout_s}s:\n{self.output()[-3000:]}"
+        )
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
+    def kill_group(self, signum: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (a worker and its pool children)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signum)
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL the group; returns the exit status."""
+        if self.popen.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill_group(signal.SIGKILL)
+                self.popen.wait(10)
+        self.kill_group(signal.SIGKILL)
+        self._log_file.close()
+        return self.popen.returncode
+
+
+def celery_env(config_path: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["IAM_PUMP_CONFIG"] = str(config_path)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra)
+    return env
+
+
+def start_worker(
+    config_path: Path,
+    log: Path,
+    *,
+    queues: str | None = None,
+    concurrency: int = 2,
+    name: str = "w1",
+    extra_args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """A real ``celery -A app worker`` subprocess; returns once it is ready."""
+    args = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "app",
+        "worker",
+        "-l",
+        "info",
+        "-c",
+        str(concurrency),
+        "-n",
+        f"{name}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if queues:
+        args += ["-Q", queues]
+    args += extra_args or []
+    proc = Proc(args, env=env or celery_env(config_path), log=log, cwd=REPO)
+    proc.wait_for_output("ready.", timeout_s=60)
+    return proc
+
+
+def start_beat(config_path: Path, log: Path, tmp_path: Path) -> Proc:
+    """A real ``celery -A app beat`` subprocess."""
+    args = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "app",
+        "beat",
+        "-l",
+        "info",
+        "-s",
+        str(tmp_path / "beat-schedule"),
+    ]
+    proc = Proc(args, env=celery_env(config_path), log=log, cwd=REPO)
+    proc.wait_for_output("beat: Starting", timeout_s=60)
+    return proc
+
+
+def read_csv_rows(directory: Path) -> list[dict[str, str]]:
+    """Every data row of every CSV file in a folder (headers checked and skipped)."""
+    rows: list[dict[str, str]] = []
+    for path in sorted(directory.glob("*.csv")):
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows.extend(csv.DictReader(handle))
+    return rows
+
+
+def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return bool(predicate())
+
+
+@contextlib.contextmanager
+def processes() -> Iterator[list[Proc]]:
+    """Collect processes and stop them all, whatever happens."""
+    started: list[Proc] = []
+    try:
+        yield started
+    finally:
+        for proc in reversed(started):
+            proc.stop(timeout_s=15)
