@@ -20,20 +20,28 @@ REMAP_SIGTERM_ENV_VAR = "REMAP_SIGTERM"
 
 app = Celery("iam_pump", include=["tasks.ingest", "tasks.purge", "tasks.write"])
 app.config_from_object("celeryconfig")
+
+
+def _use_config_file(context: click.Context, parameter: click.Parameter, path: str | None) -> None:
+    # Eager: set before Celery's own options read their defaults from the configuration.
+    if path:
+        os.environ[CONFIG_ENV_VAR] = os.path.abspath(path)
+
+
 app.user_options["preload"].add(
     click.Option(
         ["--config"],
         default=None,
+        is_eager=True,
+        expose_value=True,
+        callback=_use_config_file,
         help=f"iam-pump YAML config file (default: ${CONFIG_ENV_VAR}, else the embedded default).",
     )
 )
 
 
 @signals.user_preload_options.connect
-def _use_config_option(sender: Any, options: dict[str, Any], **_: Any) -> None:
-    path = options.get("config")
-    if path:
-        os.environ[CONFIG_ENV_VAR] = os.path.abspath(path)
+def _remap_sigterm(sender: Any, options: dict[str, Any], **_: Any) -> None:
     if getattr(sender, "__name__", "") == "worker" and REMAP_SIGTERM_ENV_VAR not in os.environ:
         # SIGTERM must requeue unfinished tasks at once (Celery's cold shutdown after the soft
         # shutdown period), not leave them to the visibility timeout if the orchestrator's

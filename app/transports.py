@@ -8,6 +8,8 @@ arrive after all.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -79,3 +81,38 @@ class RedisListTransport:
 
     def close(self) -> None:
         self._redis.close()
+
+
+class MemoryTransport:
+    """Keeps shipped batches in memory: the reporter's seam for tests and benchmarks.
+
+    ``down = True`` makes every ship fail, as if the broker were unreachable; ``delay_s`` makes
+    each ship slow.
+    """
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        self.batches: list[tuple[str, list[Sequence[Any]]]] = []
+        self.down = False
+        self.delay_s = delay_s
+        self.attempts = 0
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._lock:
+            self.attempts += 1
+            down = self.down
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if down:
+            raise ShipError(f"memory transport is down (batch {batch_id})")
+        with self._lock:
+            self.batches.append((batch_id, list(rows)))
+
+    def rows(self) -> list[Sequence[Any]]:
+        """Every shipped row, in shipping order."""
+        with self._lock:
+            return [row for _, rows in self.batches for row in rows]
+
+    def close(self) -> None:
+        self.closed = True

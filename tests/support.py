@@ -96,7 +96,7 @@ class Proc:
             f"no {text!r} from {self.args[:4]} in {timeout_s}s:\n{self.output()[-3000:]}"
         )
 
-    def signal(self, signum: int) -> None:
+    def send(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
 
@@ -108,7 +108,7 @@ class Proc:
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM, wait, then SIGKILL the group; returns the exit status."""
         if self.popen.poll() is None:
-            self.signal(signal.SIGTERM)
+            self.send(signal.SIGTERM)
             try:
                 self.popen.wait(timeout_s)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
+from app.transports import MemoryTransport
+from tests.support import wait_until
+
+
+def reporter(transport: MemoryTransport, **options: object) -> Analytics:
+    return Analytics(AnalyticsOptions(**options), transport=transport)  # type: ignore[arg-type]
+
+
+def test_batches_are_cut_by_size() -> None:
+    transport = MemoryTransport()
+    analytics = reporter(transport, records_buffer_size=1000, pool_size=4, flush_interval_ms=60_000)
+    analytics.start()
+    for i in range(1000):
+        assert analytics.record_hit(AnalyticsRecord(username=str(i)))
+    assert wait_until(lambda: len(transport.rows()) == 1000, 5)
+    assert {len(rows) for _, rows in transport.batches} == {250}
+    analytics.stop()
+
+
+def test_a_partial_batch_ships_after_the_flush_interval() -> None:
+    transport = MemoryTransport()
+    analytics = reporter(transport, records_buffer_size=1000, flush_interval_ms=100)
+    analytics.start()
+    analytics.record_hit(AnalyticsRecord(username="one"))
+    started = time.monotonic()
+    assert wait_until(lambda: transport.rows(), 2, interval_s=0.01)
+    assert time.monotonic() - started < 0.5
+    analytics.stop()
+
+
+def test_a_long_flush_interval_still_ships_at_least_once_a_second() -> None:
+    transport = MemoryTransport()
+    analytics = reporter(transport, records_buffer_size=1000, flush_interval_ms=60_000)
+    analytics.start()
+    analytics.record_hit(AnalyticsRecord(username="one"))
+    assert not wait_until(lambda: transport.rows(), 0.5, interval_s=0.01)
+    assert wait_until(lambda: transport.rows(), 1.5, interval_s=0.01)
+    analytics.stop()
+
+
+def test_stop_ships_everything_and_is_safe_twice() -> None:
+    transport = MemoryTransport(delay_s=0.01)
+    analytics = reporter(
+        transport, records_buffer_size=100_000, pool_size=2, flush_interval_ms=60_000
+    )
+    analytics.start()
+    for i in range(30_000):
+        analytics.record_hit(AnalyticsRecord(username=str(i)))
+    stats = analytics.stop()
+    assert stats.shipped_records == 30_000 and stats.lost_at_stop == 0
+    assert sorted(int(row[1]) for row in transport.rows()) == list(range(30_000))
+    assert analytics.stop().shipped_records == 30_000
+    assert transport.closed
+
+
+def test_stop_without_start_still_ships_what_was_accepted() -> None:
+    transport = MemoryTransport()
+    analytics = reporter(transport)
+    analytics.record_hit(AnalyticsRecord(username="early"))
+    assert analytics.stop().shipped_records == 1
+
+
+def test_after_stop_records_are_refused_and_counted() -> None:
+    analytics = reporter(MemoryTransport())
+    analytics.start()
+    analytics.stop()
+    assert analytics.record_hit(AnalyticsRecord()) is False
+    assert analytics.stats().dropped_after_stop == 1
+
+
+def test_record_hit_racing_stop_never_loses_an_accepted_record() -> None:
+    transport = MemoryTransport()
+    analytics = reporter(transport, records_buffer_size=1_000_000, pool_size=2)
+    analytics.start()
+    accepted = [0] * 4
+    go = threading.Event()
+
+    def hammer(slot: int) -> None:
+        go.wait()
+        count = 0
+        while True:
+            if not analytics.record_hit(AnalyticsRecord(username=f"{slot}-{count}")):
+                break
+            count += 1
+        accepted[slot] = count
+
+    threads = [threading.Thread(target=hammer, args=(slot,)) for slot in range(4)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    time.sleep(0.3)
+    stats = analytics.stop()
+    for thread in threads:
+        thread.join()
+    assert sum(accepted) > 0
+    assert stats.shipped_records == sum(accepted) == len(transport.rows())
+    assert stats.lost_at_stop == 0
+
+
+def test_a_full_buffer_drops_and_counts_without_blocking() -> None:
+    transport = MemoryTransport()
+    transport.down = True
+    analytics = reporter(transport, records_buffer_size=100, pool_size=1)
+    analytics.start()
+    started = time.perf_counter()
+    results = [analytics.record_hit(AnalyticsRecord()) for _ in range(10_000)]
+    assert time.perf_counter() - started < 1.0
+    stats = analytics.stats()
+    assert results.count(False) == stats.dropped_buffer_full > 0
+    assert stats.accepted + stats.dropped == 10_000
+    transport.down = False
+    final = analytics.stop()
+    assert final.shipped_records == results.count(True)
+
+
+def test_shipping_retries_until_the_broker_is_back() -> None:
+    transport = MemoryTransport()
+    transport.down = True
+    analytics = reporter(transport, flush_interval_ms=10)
+    analytics.start()
+    for _ in range(10):
+        analytics.record_hit(AnalyticsRecord())
+    assert wait_until(lambda: transport.attempts >= 3, 5)
+    assert transport.rows() == []
+    transport.down = False
+    assert wait_until(lambda: len(transport.rows()) == 10, 10)
+    assert analytics.stats().ship_failures >= 3
+    analytics.stop()
+
+
+def test_stop_gives_up_after_its_timeout_and_counts_the_loss() -> None:
+    transport = MemoryTransport()
+    transport.down = True
+    analytics = reporter(transport)
+    analytics.start()
+    for _ in range(5):
+        analytics.record_hit(AnalyticsRecord())
+    stats = analytics.stop(timeout_s=0.5)
+    assert stats.lost_at_stop == 5 and stats.shipped_records == 0
+
+
+def test_expiry_and_detail_settings_apply_when_shipping() -> None:
+    transport = MemoryTransport()
+    analytics = reporter(transport, storage_expiration_s=3600, enable_detailed_recording=False)
+    analytics.start()
+    explicit = datetime(2030, 1, 1, tzinfo=UTC)
+    analytics.record_hit(AnalyticsRecord(username="a", policies="p", deciders="d"))
+    analytics.record_hit(AnalyticsRecord(username="b", expire_at=explicit))
+    analytics.stop()
+    first, second = transport.rows()
+    assert (first[5], first[6]) == ("", "")
+    expected = datetime.now(UTC) + timedelta(hours=1)
+    assert abs((first[7] - expected).total_seconds()) < 10
+    assert second[7] == explicit
+
+
+def test_an_unencodable_record_is_refused_and_the_rest_ship() -> None:
+    transport = MemoryTransport()
+    analytics = reporter(transport)
+    analytics.start()
+    analytics.record_hit(AnalyticsRecord(username="ok"))
+    analytics.record_hit(AnalyticsRecord(username=object()))  # type: ignore[arg-type]
+    stats = analytics.stop()
+    assert [row[1] for row in transport.rows()] == ["ok"]
+    assert stats.rejected == 1
+
+
+def test_disabled_analytics_accepts_nothing_and_counts_nothing() -> None:
+    analytics = reporter(MemoryTransport(), enable=False)
+    analytics.start()
+    assert analytics.record_hit(AnalyticsRecord()) is False
+    assert analytics.stop().dropped == 0
+
+
+def test_options_come_from_the_yaml_file(tmp_path: object) -> None:
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "c.yaml"
+    path.write_text(
+        "redis: {host: 10.1.1.1, port: 6390}\n"
+        "analytics: {pool-size: 5, records-buffer-size: 5000, flush-interval: 50,"
+        " storage-expiration-time: 1h0m0s, transport: redis-list}\n"
+    )
+    options = AnalyticsOptions.from_yaml(str(path))
+    assert options.batch_size == 1000 and options.flush_interval_ms == 50
+    assert options.storage_expiration_s == 3600 and options.transport == "redis-list"
+    assert options.broker_url == options.redis_url == "redis://10.1.1.1:6390/0"
+
+
+def test_invalid_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="pool_size"):
+        AnalyticsOptions(pool_size=0)

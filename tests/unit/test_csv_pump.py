@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from app.record import GO_FIELD_NAMES, AnalyticsRecord
+from pumps.csv import CSVPump, go_time_string, hourly_file_name
+from pumps.errors import PumpTemporaryError
+
+
+def make_pump(directory: Path) -> CSVPump:
+    pump = CSVPump.create("csv", {"csv_dir": str(directory)}, timeout_s=5)
+    assert isinstance(pump, CSVPump)
+    pump.open()
+    return pump
+
+
+def test_file_name_is_iams() -> None:
+    moment = time.struct_time((2026, 11, 6, 9, 5, 0, 4, 310, 0))
+    assert hourly_file_name(moment) == "2026-November-6-9.csv"
+
+
+def test_times_print_like_go() -> None:
+    assert go_time_string(datetime(1, 1, 1, tzinfo=UTC)) == "0001-01-01 00:00:00 +0000 UTC"
+    assert go_time_string(datetime(2026, 1, 2, 3, 4, 5, 120000, tzinfo=UTC)) == (
+        "2026-01-02 03:04:05.12 +0000 UTC"
+    )
+
+
+def test_header_once_then_rows_with_every_field(tmp_path: Path) -> None:
+    pump = make_pump(tmp_path)
+    record = AnalyticsRecord(
+        timestamp=1,
+        username="a,b",
+        effect="allow",
+        conclusion='quote "x"',
+        request="line\nbreak",
+        policies="p",
+        deciders="d",
+        expire_at=datetime(2030, 1, 1, tzinfo=UTC),
+    )
+    pump.write([record])
+    pump.write([record])
+    [path] = tmp_path.glob("*.csv")
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == list(GO_FIELD_NAMES)
+    assert (
+        rows[1]
+        == rows[2]
+        == [
+            "1",
+            "a,b",
+            "allow",
+            'quote "x"',
+            "line\nbreak",
+            "p",
+            "d",
+            "2030-01-01 00:00:00 +0000 UTC",
+        ]
+    )
+
+
+def _append(directory: str, worker: int) -> None:
+    pump = CSVPump.create("csv", {"csv_dir": directory}, timeout_s=5)
+    pump.open()
+    for batch in range(20):
+        pump.write(
+            [
+                AnalyticsRecord(username=f"w{worker}", request=f"{worker}-{batch}-{i}" + "x" * 200)
+                for i in range(100)
+            ]
+        )
+
+
+def test_processes_appending_at_once_never_interleave(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append, args=(str(tmp_path), n)) for n in range(4)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(60)
+        assert process.exitcode == 0
+    rows = []
+    for path in tmp_path.glob("*.csv"):
+        with path.open(newline="") as handle:
+            reader = csv.reader(handle)
+            assert next(reader) == list(GO_FIELD_NAMES)
+            rows += list(reader)
+    assert len(rows) == 4 * 20 * 100
+    assert all(len(row) == len(GO_FIELD_NAMES) for row in rows)
+    assert len({row[4] for row in rows}) == len(rows)
+
+
+def test_unwritable_directory_fails_the_health_check(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    pump = CSVPump.create("csv", {"csv_dir": str(blocker / "sub")}, timeout_s=5)
+    with pytest.raises(PumpTemporaryError):
+        pump.open()
