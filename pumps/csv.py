@@ -137,7 +137,9 @@ class CSVPump(Pump):
             os.unlink(temporary)
 
     def check(self) -> None:
-        directory = self.directory
-        probe = directory if directory.exists() else directory.parent
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise PumpTemporaryError(f"{directory} is not writable")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.directory, prefix=".health-"):
+                pass
+        except OSError as exc:
+            raise PumpTemporaryError(f"{self.directory} is not writable: {exc}") from exc

@@ -1,0 +1,299 @@
+"""The whole path with real processes: Redis, ``celery worker`` and ``celery beat``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
+from app.codec import encode_go_record
+from pumps.csv import go_time_string
+from tests.support import (
+    REPO,
+    Proc,
+    base_config,
+    celery_env,
+    read_csv_rows,
+    start_beat,
+    start_worker,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+EXPIRE_AT = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def make_record(tag: str, index: int) -> AnalyticsRecord:
+    return AnalyticsRecord(
+        timestamp=1_700_000_000 + index,
+        username=f"user-{index % 7}",
+        effect="allow" if index % 3 else "deny",
+        conclusion=f"conclusion {index}, with \"quotes\"",
+        request=f"{tag}-{index}",
+        policies=f'[{{"id": "p{index}"}}]',
+        deciders="ü-deciders",
+        expire_at=EXPIRE_AT,
+    )
+
+
+def expected_row(record: AnalyticsRecord) -> dict[str, str]:
+    return {
+        "TimeStamp": str(record.timestamp), "Username": record.username, "Effect": record.effect,
+        "Conclusion": record.conclusion, "Request": record.request, "Policies": record.policies,
+        "Deciders": record.deciders, "ExpireAt": go_time_string(record.expire_at),
+    }
+
+
+def count_by_request(rows: list[dict[str, str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["Request"]] = counts.get(row["Request"], 0) + 1
+    return counts
+
+
+def report(records: list[AnalyticsRecord], config_path: Path) -> None:
+    analytics = Analytics(AnalyticsOptions.from_yaml(str(config_path)))
+    analytics.start()
+    for record in records:
+        # A full buffer refuses the record (counted); this producer waits and offers it again.
+        while not analytics.record_hit(record):
+            time.sleep(0.001)
+    stats = analytics.stop()
+    assert stats.shipped_records == len(records), stats
+
+
+def test_reporter_and_go_records_reach_csv_exactly_once_with_every_field(
+    tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
+) -> None:
+    list_key = f"test-list-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "c.yaml", base_config(tmp_path, **{"analytics-key": list_key}))
+    procs.append(start_worker(config, tmp_path / "worker.log"))
+    procs.append(start_beat(config, tmp_path / "beat.log", tmp_path))
+
+    python_records = [make_record("py", i) for i in range(10_000)]
+    go_records = [make_record("go", i) for i in range(10_000)]
+    for start in range(0, len(go_records), 1000):
+        redis_db.rpush(list_key, *(encode_go_record(r) for r in go_records[start:start + 1000]))
+    report(python_records, config)
+
+    csv_dir = tmp_path / "csv"
+    assert wait_until(lambda: len(read_csv_rows(csv_dir)) >= 20_000, 120), (
+        f"{len(read_csv_rows(csv_dir))} rows; worker log:\n{procs[0].output()[-3000:]}"
+    )
+    time.sleep(1)
+    rows = read_csv_rows(csv_dir)
+    by_request = {row["Request"]: row for row in rows}
+    expected = {r.request: expected_row(r) for r in python_records + go_records}
+    lost = set(expected) - set(by_request)
+    duplicated = {k: n for k, n in count_by_request(rows).items() if n > 1}
+    print(f"\nrecords: {len(expected)}, lost: {len(lost)}, duplicated: {len(duplicated)}")
+    assert not lost and not duplicated
+    assert by_request == expected
+    assert redis_db.llen(list_key) == 0
+
+
+def test_sigterm_under_load_loses_nothing(
+    tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
+) -> None:
+    config = write_config(
+        tmp_path / "c.yaml",
+        base_config(tmp_path, analytics={"records-buffer-size": 2000, "pool-size": 4}),
+    )
+    worker = start_worker(config, tmp_path / "worker1.log")
+    procs.append(worker)
+    records = [make_record("load", i) for i in range(60_000)]
+    report(records, config)
+    csv_dir = tmp_path / "csv"
+    assert wait_until(lambda: len(read_csv_rows(csv_dir)) > 0, 30)
+    queued = redis_db.llen("ingest") + redis_db.llen("pump.csv")
+    worker.send(signal.SIGTERM)
+    assert worker.popen.wait(60) == 0
+    written_before_restart = len(read_csv_rows(csv_dir))
+    procs.append(start_worker(config, tmp_path / "worker2.log", name="w2"))
+    assert wait_until(lambda: len(count_by_request(read_csv_rows(csv_dir))) >= len(records), 120)
+    counts = count_by_request(read_csv_rows(csv_dir))
+    lost = {r.request for r in records} - set(counts)
+    duplicated = sum(n - 1 for n in counts.values())
+    print(f"\nrecords: {len(records)}, written before restart: {written_before_restart}, "
+          f"lost: {len(lost)}, duplicated: {duplicated}")
+    assert queued > 0, "the worker had finished before SIGTERM: nothing was under load"
+    assert not lost
+
+
+def test_malformed_records_on_the_list_are_set_aside_and_the_rest_delivered(
+    tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
+) -> None:
+    list_key = f"test-list-{uuid.uuid4().hex[:8]}"
+    config = write_config(tmp_path / "c.yaml", base_config(tmp_path, **{"analytics-key": list_key}))
+    good = [make_record("good", i) for i in range(100)]
+    items = [encode_go_record(r) for r in good]
+    items[10:10] = [b"\xc1 not msgpack", b"\x88\xa9TimeSt", encode_go_record(good[0])[:-3]]
+    redis_db.rpush(list_key, *items)
+    procs.append(start_worker(config, tmp_path / "worker.log"))
+    procs.append(start_beat(config, tmp_path / "beat.log", tmp_path))
+    csv_dir = tmp_path / "csv"
+    assert wait_until(lambda: len(read_csv_rows(csv_dir)) >= 100, 60)
+    assert sorted(row["Request"] for row in read_csv_rows(csv_dir)) == sorted(
+        r.request for r in good
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "dead-letters", "list", "ingest", "--config",
+         str(config)],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "not msgpack" in result.stdout
+    assert redis_db.hlen("iam-pump:dead-letters:ingest") == 1
+
+
+def test_redis_list_transport_feeds_the_same_pipeline(
+    tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
+) -> None:
+    list_key = f"test-list-{uuid.uuid4().hex[:8]}"
+    config = write_config(
+        tmp_path / "c.yaml",
+        base_config(tmp_path, **{"analytics-key": list_key}, analytics={"transport": "redis-list"}),
+    )
+    records = [make_record("list", i) for i in range(2000)]
+    report(records, config)
+    assert redis_db.llen(list_key) == 2000
+    procs.append(start_worker(config, tmp_path / "worker.log"))
+    procs.append(start_beat(config, tmp_path / "beat.log", tmp_path))
+    csv_dir = tmp_path / "csv"
+    assert wait_until(lambda: len(read_csv_rows(csv_dir)) >= 2000, 60)
+    assert {row["Request"]: row for row in read_csv_rows(csv_dir)} == {
+        r.request: expected_row(r) for r in records
+    }
+
+
+def test_retries_then_dead_letters_and_other_pumps_flow(
+    tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
+) -> None:
+    config = write_config(
+        tmp_path / "c.yaml",
+        base_config(
+            tmp_path,
+            pumps={
+                "csv": {"type": "csv", "meta": {"csv_dir": str(tmp_path / "csv")}},
+                "flaky": {"type": "memory", "meta": {"fail_times": 2}},
+                "broken": {"type": "memory", "max-retries": 2,
+                           "meta": {"fail_times": 1000, "fail_kind": "temporary"}},
+                "refused": {"type": "memory", "meta": {"fail_times": 1000,
+                                                        "fail_kind": "permanent"}},
+            },
+        ),
+    )
+    procs.append(start_worker(config, tmp_path / "worker.log", concurrency=1))
+    records = [make_record("r", i) for i in range(500)]
+    report(records, config)
+
+    def stat(name: str) -> int:
+        return int(redis_db.hget("iam-pump:stats", name) or 0)
+
+    assert wait_until(lambda: stat("written_records:flaky") == 500, 60)
+    assert wait_until(lambda: redis_db.hlen("iam-pump:dead-letters:broken") >= 1, 60)
+    assert wait_until(lambda: redis_db.hlen("iam-pump:dead-letters:refused") >= 1, 60)
+    assert stat("retries:flaky") == 2
+    assert stat("retries:broken") == 2
+    assert len(read_csv_rows(tmp_path / "csv")) == 500
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "dead-letters", "list", "--config", str(config)],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+    assert "broken" in result.stdout and "injected failure" in result.stdout
+
+
+def get_json(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_iam_pump_run_serves_health_and_metrics_and_runs_the_pipeline(
+    tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
+) -> None:
+    settings = base_config(tmp_path)
+    config = write_config(tmp_path / "c.yaml", settings)
+    run = Proc([sys.executable, "-m", "app.cli", "run", "--config", str(config), "--demo",
+                "--demo-rate", "100", "--concurrency", "1"],
+               env=celery_env(config), log=tmp_path / "run.log", cwd=REPO)
+    procs.append(run)
+    run.wait_for_output("ready.", 60)
+    base = f"http://{settings['health-check-address']}"
+    status, body = get_json(f"{base}/healthz")
+    assert status == 200 and body["status"] == "ok", body
+    assert set(body["checks"]) == {"redis", "broker", "pump:csv"}
+    assert wait_until(lambda: len(read_csv_rows(tmp_path / "csv")) > 0, 30)
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert "iam_pump_redis_up 1.0" in metrics
+    assert 'iam_pump_written_records_total{pump="csv"}' in metrics
+    run.send(signal.SIGTERM)
+    assert run.popen.wait(60) == 0
+
+
+def test_health_names_what_is_broken(tmp_path: Path, redis_db: redis.Redis) -> None:
+    from app.config import parse_settings
+    from app.health import HealthChecker
+    from app.runtime import redis_client
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    settings = parse_settings(json.dumps(base_config(
+        tmp_path, pumps={"csv": {"type": "csv", "meta": {"csv_dir": str(blocker / "csv")}}}
+    )))
+    checker = HealthChecker(settings, redis_client(settings))
+    report_ = checker.check()
+    assert not report_.healthy
+    assert report_.as_dict()["failing"] == ["pump:csv"]
+    checker.close()
+
+    from tests.support import free_port
+
+    down = parse_settings(json.dumps(base_config(tmp_path, redis_port=free_port())))
+    checker = HealthChecker(down, redis_client(down))
+    body = checker.check().as_dict()
+    assert body["status"] == "unhealthy" and {"redis", "broker"} <= set(body["failing"])
+    checker.close()
+
+
+def test_iam_pump_run_refuses_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pumps: {x: {type: nope}}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "run", "--config", str(bad)],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "pumps.x.type" in result.stderr
+
+
+def test_expiry_is_filled_from_storage_expiration_time(
+    tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
+) -> None:
+    config = write_config(
+        tmp_path / "c.yaml", base_config(tmp_path, analytics={"storage-expiration-time": "2h"})
+    )
+    procs.append(start_worker(config, tmp_path / "worker.log"))
+    report([AnalyticsRecord(username="x", request="exp")], config)
+    assert wait_until(lambda: len(read_csv_rows(tmp_path / "csv")) == 1, 30)
+    expire = read_csv_rows(tmp_path / "csv")[0]["ExpireAt"]
+    parsed = datetime.strptime(expire.split(".")[0].replace(" +0000 UTC", ""),
+                               "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    assert abs((parsed - (datetime.now(UTC) + timedelta(hours=2))).total_seconds()) < 60
