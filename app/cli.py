@@ -112,6 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from app.health import HealthChecker
+    from app.redis_values import as_text
     from app.runtime import redis_client
     from tasks.dead_letters import DeadLetterStore
 
@@ -126,7 +127,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if report.checks["redis"] != "ok":
         return EXIT_FAILED
     print(f"redis list {settings.analytics_key}: {client.llen(settings.analytics_key)} records")
-    stats = {k.decode(): int(v) for k, v in client.hgetall(settings.key("stats")).items()}
+    stats = {as_text(k): int(v) for k, v in client.hgetall(settings.key("stats")).items()}
     for key in sorted(stats):
         print(f"  {key:<40} {stats[key]}")
     store = DeadLetterStore(client, settings)

@@ -125,12 +125,12 @@ def record_to_row(record: AnalyticsRecord) -> list[Any]:
 
 def encode_envelope(batch_id: str, rows: Sequence[Sequence[Any]]) -> bytes:
     """A reporter batch: rows already in row form."""
-    return msgpack.packb({"id": batch_id, "records": rows}, datetime=True)
+    return bytes(msgpack.packb({"id": batch_id, "records": rows}, datetime=True))
 
 
 def encode_go_envelope(batch_id: str, items: Sequence[bytes]) -> bytes:
     """A batch of Go records exactly as read from the Redis list."""
-    return msgpack.packb({"id": batch_id, "go": list(items)})
+    return bytes(msgpack.packb({"id": batch_id, "go": list(items)}))
 
 
 def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected]]:

@@ -18,12 +18,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import redis
-from kombu import Connection
+from kombu.connection import Connection
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.config import Settings
+from app.redis_values import as_text
 from pumps.base import Pump
 from pumps.errors import PumpError
 from pumps.registry import resolve_pump_class
@@ -91,8 +92,9 @@ class HealthChecker:
 
     def _check_broker(self) -> str:
         try:
-            with Connection(self.settings.broker, connect_timeout=CHECK_TIMEOUT_S) as connection:
-                connection.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT_S)
+            connection = Connection(self.settings.broker, connect_timeout=CHECK_TIMEOUT_S)  # type: ignore[no-untyped-call]
+            with connection:
+                connection.ensure_connection(max_retries=1, timeout=CHECK_TIMEOUT_S)  # type: ignore[no-untyped-call]
             return "ok"
         except Exception as exc:
             return f"broker did not answer: {exc}"
@@ -134,7 +136,7 @@ class PumpMetrics(Collector):
     def collect(self) -> Iterator[Any]:
         try:
             stats = {
-                key.decode(): int(value)
+                as_text(key): int(value)
                 for key, value in self.redis.hgetall(self.settings.key("stats")).items()
             }
         except redis.RedisError as exc:

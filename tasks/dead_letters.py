@@ -22,6 +22,7 @@ import redis
 from app.codec import Rejected, encode_clean_batch, records_to_clean_rows
 from app.config import Settings
 from app.record import AnalyticsRecord
+from app.redis_values import as_bytes, as_text
 
 INGEST_GROUP = "ingest"
 
@@ -169,17 +170,17 @@ class DeadLetterStore:
 
     def groups(self) -> list[str]:
         """Every group that has ever held an entry (sorted)."""
-        return sorted(name.decode() for name in self._redis.smembers(self._groups_key))
+        return sorted(as_text(name) for name in self._redis.smembers(self._groups_key))
 
     def entries(self, group: str) -> list[DeadLetter]:
         """A group's entries, oldest first."""
         values = self._redis.hvals(self._key(group))
-        return sorted((DeadLetter.unpack(value) for value in values), key=lambda e: e.failed_at)
+        return sorted((DeadLetter.unpack(as_bytes(v)) for v in values), key=lambda e: e.failed_at)
 
     def get(self, group: str, entry_id: str) -> DeadLetter | None:
         """One entry, or None."""
         value = self._redis.hget(self._key(group), entry_id)
-        return DeadLetter.unpack(value) if value is not None else None
+        return DeadLetter.unpack(as_bytes(value)) if value is not None else None
 
     def delete(self, group: str, entry_ids: Iterable[str]) -> int:
         """Remove entries; returns how many existed."""

@@ -16,6 +16,7 @@ from celery import Task
 from app import runtime
 from app.celery_app import app
 from app.codec import MalformedBatchError, decode_envelope, encode_clean_batch
+from app.redis_values import as_text
 from tasks.dead_letters import DeadLetterStore
 from tasks.names import INGEST_TASK, WRITE_TASK, pump_queue
 
@@ -60,7 +61,7 @@ def fan_out(batch_id: str, clean: bytes, *, only: list[str] | None = None) -> li
     settings = runtime.settings()
     client = runtime.redis_client()
     sent_key = settings.key("ingest", batch_id)
-    already = {name.decode() for name in client.hkeys(sent_key)}
+    already = {as_text(name) for name in client.hkeys(sent_key)}
     sent = []
     for name, entry in settings.enabled_pumps.items():
         if name in already or (only is not None and name not in only):

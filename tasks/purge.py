@@ -25,6 +25,7 @@ from typing import Any
 from app import runtime
 from app.celery_app import app
 from app.codec import encode_go_envelope
+from app.redis_values import as_bytes, as_text
 from tasks.names import INGEST_QUEUE, INGEST_TASK, PURGE_TASK
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def drain(*, budget_s: float = PURGE_RUN_BUDGET_S) -> dict[str, Any]:
         return {"status": "busy", "records": 0, "batches": 0}
     client.set(epoch_key, uuid.uuid4().hex[:12], nx=True)
     epoch = client.get(epoch_key)
-    epoch_text = epoch.decode() if epoch else "0"
+    epoch_text = as_text(epoch) if epoch else "0"
     trim = client.register_script(_TRIM_IF_OWNER)
     records = batches = 0
     status = "drained"
@@ -79,7 +80,7 @@ def drain(*, budget_s: float = PURGE_RUN_BUDGET_S) -> dict[str, Any]:
                 status = "budget"
                 break
             offset = int(client.get(offset_key) or 0)
-            items = client.lrange(list_key, 0, chunk_size - 1)
+            items = [as_bytes(item) for item in client.lrange(list_key, 0, chunk_size - 1)]
             if not items:
                 break
             batch_id = f"{epoch_text}-{offset}"

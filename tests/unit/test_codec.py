@@ -77,7 +77,7 @@ def test_go_record_round_trip_keeps_every_field() -> None:
     )
     raw = encode_go_record(record)
     assert list(msgpack.unpackb(raw, timestamp=3)) == list(GO_FIELD_NAMES)
-    assert decode_go_record(raw) == record_to_row(record)[:7] + [record.expire_at]
+    assert decode_go_record(raw) == [*record_to_row(record)[:7], record.expire_at]
 
 
 def test_encoding_matches_the_hand_built_layout() -> None:

@@ -78,7 +78,8 @@ def test_variables_expand_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
     monkeypatch.delenv("REDIS_PORT", raising=False)
     settings = parse_settings(
-        "redis: {host: '${REDIS_HOST}', port: '${REDIS_PORT:-6380}', password: '${REDIS_PASSWORD}'}\n"
+        "redis: {host: '${REDIS_HOST}', port: '${REDIS_PORT:-6380}',"
+        " password: '${REDIS_PASSWORD}'}\n"
         "pumps: {c: {type: csv, meta: {csv_dir: '${DATA:-/data}/csv'}}}\n"
     )
     assert settings.redis.address == ("redis.internal", 6380)
