@@ -1,0 +1,43 @@
+# Two commands on a fresh machine:  make demo  (the pump, CSV files under ./analytics-data)
+#                                   make test  (everything CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo run test lint servers servers-stop bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# The pump on the embedded default config (Redis on 127.0.0.1:6379, one CSV pump writing under
+# ./analytics-data), fed by a demo producer. Ctrl+C stops it.
+demo: install
+	$(BIN)/iam-pump run --demo
+
+# The pump on your own config: make run CONFIG=iam-pump.yaml
+run: install
+	$(BIN)/iam-pump run --config $(CONFIG)
+
+# Stand-in MongoDB and Elasticsearch servers for the store tests (see scripts/test-servers.sh).
+servers:
+	scripts/test-servers.sh install
+	scripts/test-servers.sh start
+
+servers-stop:
+	scripts/test-servers.sh stop
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: install servers lint
+	$(BIN)/python -m pytest
+
+bench: install servers
+	$(BIN)/python bench/run_all.py
