@@ -19,8 +19,6 @@ from tasks.names import INGEST_QUEUE, INGEST_TASK, PURGE_QUEUE, PURGE_TASK, pump
 UNACKED_RESTORE_INTERVAL_S = 10
 #: How long kombu's restore lock may outlive the worker that took it.
 UNACKED_MUTEX_EXPIRE_S = 30
-#: On SIGTERM, how long running tasks may finish before unfinished ones are requeued.
-SOFT_SHUTDOWN_TIMEOUT_S = 10.0
 
 
 def _settings() -> Settings:
@@ -64,7 +62,7 @@ result_backend = None
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
-worker_soft_shutdown_timeout = SOFT_SHUTDOWN_TIMEOUT_S
+worker_soft_shutdown_timeout = _pump_settings.delivery.soft_shutdown_timeout_s
 worker_enable_soft_shutdown_on_idle = False
 worker_cancel_long_running_tasks_on_connection_loss = True
 

@@ -45,6 +45,11 @@ DEFAULT_RECORDS_BUFFER_SIZE = 20_000
 DEFAULT_FLUSH_INTERVAL_MS = 200
 DEFAULT_STORAGE_EXPIRATION_S = 24 * 3600
 DEFAULT_DEDUP_TTL_S = 24 * 3600
+#: How long the purge lock outlives a purge that died holding it (renewed at every chunk).
+DEFAULT_PURGE_LOCK_TTL_S = 30.0
+#: On SIGTERM, how long running tasks may go on before the unfinished ones are requeued; keep it
+#: below your orchestrator's grace period (Kubernetes: 30 s).
+DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S = 10.0
 #: Time the write task's hard limit adds to its soft limit, so a pump can clean up.
 HARD_LIMIT_GRACE_S = 5
 #: The Redis transport redelivers unacknowledged tasks after this margin past the longest task.
@@ -203,6 +208,8 @@ class DeliveryConfig(_Model):
     purge_chunk_size: int = Field(default=DEFAULT_PURGE_CHUNK_SIZE, ge=1, le=100_000)
     dedup_ttl_s: int = Field(default=DEFAULT_DEDUP_TTL_S, ge=60)
     visibility_timeout_s: float | None = Field(default=None, gt=0)
+    soft_shutdown_timeout_s: float = Field(default=DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S, ge=0)
+    purge_lock_ttl_s: float = Field(default=DEFAULT_PURGE_LOCK_TTL_S, ge=1)
 
 
 class LogConfig(_Model):

@@ -3,27 +3,42 @@
 Runs on queue ``ingest``. Each enabled pump gets one write task on its own queue ``pump.<name>``,
 carrying the same clean batch bytes. Which pumps already have the batch is remembered in Redis
 (``<prefix>:ingest:<batch id>``), so a redelivered ingest (worker killed mid fan-out, or the purge
-enqueuing a chunk twice) only sends what is missing.
+enqueuing a chunk twice) sends only what is missing. Two copies of one batch never fan out at the
+same time: the fan-out holds a short per-batch lock, and a copy that finds it taken comes back a
+little later, when the markers tell it what is already done.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject, Retry
 
 from app import runtime
 from app.celery_app import app
-from app.codec import MalformedBatchError, decode_envelope, encode_clean_batch
+from app.codec import MalformedBatchError, Rejected, decode_envelope, encode_clean_batch
 from app.redis_values import as_text
 from tasks.dead_letters import DeadLetterStore
 from tasks.names import INGEST_TASK, WRITE_TASK, pump_queue
 
 logger = logging.getLogger(__name__)
 
+#: How long a fan-out may hold its batch's lock (it takes milliseconds; a dead holder's lock
+#: expires after this).
+FAN_OUT_LOCK_TTL_MS = 10_000
+#: When another copy holds the lock, try again after this long.
+FAN_OUT_BUSY_RETRY_S = 2.0
 
-@app.task(name=INGEST_TASK, bind=True, acks_late=True)
+_RELEASE_IF_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@app.task(name=INGEST_TASK, bind=True, acks_late=True, max_retries=None)
 def ingest(self: Task, payload: bytes) -> dict[str, Any]:
     """Validate ``payload`` (a batch envelope) and send one write task per enabled pump."""
     settings = runtime.settings()
@@ -34,8 +49,6 @@ def ingest(self: Task, payload: bytes) -> dict[str, Any]:
     except MalformedBatchError as exc:
         batch_id = f"unreadable-{self.request.id}"
         logger.warning("ingest: batch %s set aside: %s", batch_id, exc)
-        from app.codec import Rejected
-
         dead_letters.put_malformed(batch_id, [Rejected(0, payload, str(exc))], error=str(exc))
         return {"batch": batch_id, "records": 0, "rejected": 1}
     if rejected:
@@ -46,25 +59,45 @@ def ingest(self: Task, payload: bytes) -> dict[str, Any]:
             rejected[0].reason,
         )
         dead_letters.put_malformed(batch_id, rejected)
+    sent: list[str] = []
     if rows:
-        fan_out(batch_id, encode_clean_batch(batch_id, rows))
+        sent = _fan_out_once(self, batch_id, encode_clean_batch(batch_id, rows))
     stats = client.pipeline(transaction=False)
     stats.hincrby(settings.key("stats"), "ingested_batches", 1)
     stats.hincrby(settings.key("stats"), "ingested_records", len(rows))
     stats.hincrby(settings.key("stats"), "malformed_records", len(rejected))
     stats.execute()
-    return {"batch": batch_id, "records": len(rows), "rejected": len(rejected)}
+    return {"batch": batch_id, "records": len(rows), "rejected": len(rejected), "sent": sent}
 
 
-def fan_out(batch_id: str, clean: bytes, *, only: list[str] | None = None) -> list[str]:
-    """Send the clean batch to each enabled pump (or to ``only``) that does not have it yet."""
+def _fan_out_once(task: Task, batch_id: str, clean: bytes) -> list[str]:
+    settings = runtime.settings()
+    client = runtime.redis_client()
+    lock_key = settings.key("ingest", batch_id, "lock")
+    token = uuid.uuid4().hex
+    if not client.set(lock_key, token, nx=True, px=FAN_OUT_LOCK_TTL_MS):
+        logger.info("ingest: batch %s is being fanned out by another copy; later", batch_id)
+        try:
+            raise task.retry(countdown=FAN_OUT_BUSY_RETRY_S)
+        except Retry:
+            raise
+        except Exception as exc:
+            raise Reject(f"retry not published: {exc}", requeue=True) from exc
+    try:
+        return fan_out(batch_id, clean)
+    finally:
+        client.eval(_RELEASE_IF_OWNER, 1, lock_key, token)
+
+
+def fan_out(batch_id: str, clean: bytes) -> list[str]:
+    """Send the clean batch to each enabled pump that does not have it yet; return those sent."""
     settings = runtime.settings()
     client = runtime.redis_client()
     sent_key = settings.key("ingest", batch_id)
     already = {as_text(name) for name in client.hkeys(sent_key)}
     sent = []
     for name, entry in settings.enabled_pumps.items():
-        if name in already or (only is not None and name not in only):
+        if name in already:
             continue
         app.send_task(
             WRITE_TASK,

@@ -5,6 +5,9 @@ Beat runs it every ``purge-delay`` seconds on queue ``purge``. One run holds a l
 processes or machines, and drains the list chunk by chunk (``delivery.purge-chunk-size``) until
 it is empty or its time budget is spent:
 
+A crash of the purge at any point loses nothing; the lock expires after
+``delivery.purge-lock-ttl-s`` and the next run carries on.
+
 1. read the head chunk with ``LRANGE`` (nothing is removed yet);
 2. enqueue it as one ingest task whose batch id is ``<epoch>-<offset>``, the offset being how many
    records were ever removed from the list: the same chunk always gets the same id;
@@ -32,8 +35,6 @@ logger = logging.getLogger(__name__)
 
 #: Longest a single purge run drains before it lets the next scheduled run take over.
 PURGE_RUN_BUDGET_S = 30.0
-#: How long the lock outlives a run that died holding it.
-PURGE_LOCK_TTL_MS = 60_000
 
 # KEYS: lock, list, offset; ARGV: token, count, lock ttl ms.
 _TRIM_IF_OWNER = """
@@ -64,8 +65,9 @@ def drain(*, budget_s: float = PURGE_RUN_BUDGET_S) -> dict[str, Any]:
     epoch_key = settings.key("purge", "epoch")
     list_key = settings.analytics_key
     chunk_size = settings.delivery.purge_chunk_size
+    lock_ttl_ms = int(settings.delivery.purge_lock_ttl_s * 1000)
     token = uuid.uuid4().hex
-    if not client.set(lock_key, token, nx=True, px=PURGE_LOCK_TTL_MS):
+    if not client.set(lock_key, token, nx=True, px=lock_ttl_ms):
         return {"status": "busy", "records": 0, "batches": 0}
     client.set(epoch_key, uuid.uuid4().hex[:12], nx=True)
     epoch = client.get(epoch_key)
@@ -88,7 +90,7 @@ def drain(*, budget_s: float = PURGE_RUN_BUDGET_S) -> dict[str, Any]:
                 INGEST_TASK, args=(encode_go_envelope(batch_id, items),), queue=INGEST_QUEUE
             )
             if not trim(
-                keys=[lock_key, list_key, offset_key], args=[token, len(items), PURGE_LOCK_TTL_MS]
+                keys=[lock_key, list_key, offset_key], args=[token, len(items), lock_ttl_ms]
             ):
                 logger.warning("purge: lock lost after enqueuing batch %s; stopping", batch_id)
                 status = "lock-lost"

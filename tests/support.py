@@ -100,6 +100,11 @@ class Proc:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
 
+    @staticmethod
+    def kill_pid(pid: int, signum: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
     def kill_group(self, signum: int = signal.SIGKILL) -> None:
         """Signal the whole process group (a worker and its pool children)."""
         with contextlib.suppress(ProcessLookupError):

@@ -1,0 +1,90 @@
+"""Fault-injection fixtures: brokers, the slow test pump, counting records by id."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.conftest import require
+from tests.support import REDIS_HOST, REDIS_PORT, base_config, port_open, read_csv_rows
+
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+#: The fault tests own this Redis database (flushed at the start of each test).
+FAULTS_REDIS_DB = int(os.environ.get("IAM_PUMP_FAULTS_REDIS_DB", "13"))
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker(request: pytest.FixtureRequest) -> str:
+    """Each fault test runs against both brokers; returns the broker-url (None: Redis)."""
+    if request.param == "amqp":
+        require(port_open("127.0.0.1", 5672), "RabbitMQ on 127.0.0.1:5672")
+        return AMQP_URL
+    return ""
+
+
+@pytest.fixture
+def faults_db() -> Iterator[redis.Redis]:
+    require(port_open(REDIS_HOST, REDIS_PORT), f"Redis on {REDIS_HOST}:{REDIS_PORT}")
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=FAULTS_REDIS_DB)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def plugin_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Environment for worker subprocesses that can load the test pumps (this process too)."""
+    from pumps.registry import available_pumps
+
+    site = tmp_path / "plugins"
+    info = site / "iam_pump_test_plugins-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: iam-pump-test-plugins\nVersion: 1.0\n"
+    )
+    (info / "entry_points.txt").write_text(
+        "[iam_pump.pumps]\nslowcsv = tests.plugins.slow_csv:SlowCSVPump\n"
+    )
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(site))
+    available_pumps.cache_clear()
+    yield {"PYTHONPATH": path}
+    available_pumps.cache_clear()
+
+
+def purge_amqp_queues(url: str, names: list[str]) -> None:
+    """Empty leftover queues of an earlier run on the shared RabbitMQ."""
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=5) as connection:
+        channel = connection.channel()
+        for name in names:
+            try:
+                channel.queue_purge(name)
+            except Exception:
+                channel = connection.channel()  # the queue did not exist; channel was closed
+
+
+def fault_config(tmp_path: Path, broker_url: str, **overrides: Any) -> dict[str, Any]:
+    config = base_config(tmp_path, db=FAULTS_REDIS_DB, **overrides)
+    if broker_url:
+        config["broker-url"] = broker_url
+        purge_amqp_queues(broker_url, ["ingest", "purge", *(f"pump.{n}" for n in config["pumps"])])
+    return config
+
+
+def tally(rows: list[dict[str, str]], expected: set[str]) -> tuple[set[str], int]:
+    """(lost requests, duplicate count) of the CSV rows against the expected requests."""
+    seen: dict[str, int] = {}
+    for row in rows:
+        seen[row["Request"]] = seen.get(row["Request"], 0) + 1
+    return expected - set(seen), sum(n - 1 for n in seen.values())
+
+
+def csv_requests(directory: Path) -> list[dict[str, str]]:
+    return read_csv_rows(directory)

@@ -1,0 +1,49 @@
+"""Shared steps of the fault tests: produce records, wait for delivery, report lost/duplicated."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
+from tests.support import read_csv_rows, wait_until
+
+
+def make_records(tag: str, count: int) -> list[AnalyticsRecord]:
+    return [
+        AnalyticsRecord(username=f"user-{i % 5}", effect="allow", request=f"{tag}-{i}")
+        for i in range(count)
+    ]
+
+
+def report(records: list[AnalyticsRecord], config_path: Path) -> None:
+    """Ship every record through the reporter (waiting while its buffer is full)."""
+    analytics = Analytics(AnalyticsOptions.from_yaml(str(config_path)))
+    analytics.start()
+    for record in records:
+        while not analytics.record_hit(record):
+            time.sleep(0.001)
+    stats = analytics.stop(timeout_s=120)
+    assert stats.shipped_records == len(records), stats
+
+
+def requests_in(directory: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in read_csv_rows(directory):
+        counts[row["Request"]] = counts.get(row["Request"], 0) + 1
+    return counts
+
+
+def await_delivery(
+    directory: Path, expected: set[str], *, timeout_s: float, label: str
+) -> tuple[int, int, float]:
+    """Wait until every expected request is on disk; print and return (lost, duplicated, s)."""
+    started = time.monotonic()
+    wait_until(lambda: expected <= set(requests_in(directory)), timeout_s, interval_s=0.5)
+    elapsed = time.monotonic() - started
+    counts = requests_in(directory)
+    lost = len(expected - set(counts))
+    duplicated = sum(n - 1 for n in counts.values())
+    print(f"\n[{label}] records: {len(expected)}, lost: {lost}, duplicated: {duplicated}, "
+          f"delivered {elapsed:.1f}s after the fault")
+    return lost, duplicated, elapsed
