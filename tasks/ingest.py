@@ -14,8 +14,8 @@ import logging
 import uuid
 from typing import Any
 
+import redis
 from celery import Task
-from celery.exceptions import Reject, Retry
 
 from app import runtime
 from app.celery_app import app
@@ -23,6 +23,7 @@ from app.codec import MalformedBatchError, Rejected, decode_envelope, encode_cle
 from app.redis_values import as_text
 from tasks.dead_letters import DeadLetterStore
 from tasks.names import INGEST_TASK, WRITE_TASK, pump_queue
+from tasks.retrying import backoff_s, retry_later
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,23 @@ return 0
 @app.task(name=INGEST_TASK, bind=True, acks_late=True, max_retries=None)
 def ingest(self: Task, payload: bytes) -> dict[str, Any]:
     """Validate ``payload`` (a batch envelope) and send one write task per enabled pump."""
+    try:
+        return _ingest(self, payload)
+    except redis.RedisError as exc:
+        logger.warning("ingest: Redis unavailable (%s); batch put back", exc)
+        settings = runtime.settings()
+        retry_later(
+            self,
+            exc,
+            countdown_s=backoff_s(
+                self.request.retries,
+                base_s=settings.delivery.retry_backoff_base_s,
+                max_s=settings.delivery.retry_backoff_max_s,
+            ),
+        )
+
+
+def _ingest(self: Task, payload: bytes) -> dict[str, Any]:
     settings = runtime.settings()
     client = runtime.redis_client()
     dead_letters = DeadLetterStore(client, settings)
@@ -77,12 +95,7 @@ def _fan_out_once(task: Task, batch_id: str, clean: bytes) -> list[str]:
     token = uuid.uuid4().hex
     if not client.set(lock_key, token, nx=True, px=FAN_OUT_LOCK_TTL_MS):
         logger.info("ingest: batch %s is being fanned out by another copy; later", batch_id)
-        try:
-            raise task.retry(countdown=FAN_OUT_BUSY_RETRY_S)
-        except Retry:
-            raise
-        except Exception as exc:
-            raise Reject(f"retry not published: {exc}", requeue=True) from exc
+        retry_later(task, None, countdown_s=FAN_OUT_BUSY_RETRY_S)
     try:
         return fan_out(batch_id, clean)
     finally:

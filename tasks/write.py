@@ -10,11 +10,11 @@ the sink) are kept there too, and the rest of the batch is committed.
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
+import redis
 from celery import Task
-from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from app import runtime
 from app.celery_app import app
@@ -23,19 +23,63 @@ from pumps.errors import PumpConfigError, PumpPermanentError, PumpTemporaryError
 from pumps.pipeline import run_pipeline
 from tasks.dead_letters import DeadLetterStore
 from tasks.names import WRITE_TASK
+from tasks.retrying import backoff_s, retry_later
 
 logger = logging.getLogger(__name__)
 
 
-def backoff_s(retries: int, *, base_s: float, max_s: float) -> float:
-    """Exponential backoff with jitter: uniform in [c/2, c], c = min(max, base * 2**retries)."""
-    ceiling = min(max_s, base_s * (2 ** min(retries, 32)))
-    return random.uniform(ceiling / 2, ceiling)
+class WriteTask(Task):  # type: ignore[misc]
+    """Keeps a batch whose write was killed by the hard time limit.
+
+    Celery acknowledges a task its hard time limit killed; this hook, which Celery calls in the
+    worker before that acknowledgement, puts the batch in the dead letters first.
+    """
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        if not isinstance(exc, TimeLimitExceeded) or len(args) != 2:
+            return
+        pump_name, payload = args
+        try:
+            batch_id, records = decode_clean_batch(payload)
+            DeadLetterStore(runtime.redis_client(), runtime.settings()).put_batch(
+                pump_name,
+                batch_id,
+                payload,
+                stage="write",
+                record_count=len(records),
+                error=f"write killed by the hard time limit ({exc})",
+            )
+        except Exception:
+            logger.critical(
+                "pump %s: task %s hit its hard time limit and could not be dead-lettered",
+                pump_name,
+                task_id,
+                exc_info=True,
+            )
 
 
-@app.task(name=WRITE_TASK, bind=True, acks_late=True, max_retries=None)
+@app.task(name=WRITE_TASK, base=WriteTask, bind=True, acks_late=True, max_retries=None)
 def write(self: Task, pump_name: str, payload: bytes) -> dict[str, Any]:
-    """Write a clean batch with pump ``pump_name``."""
+    """Write a clean batch with pump ``pump_name``; Redis trouble puts it back for later."""
+    try:
+        return _write(self, pump_name, payload)
+    except redis.RedisError as exc:
+        logger.warning("pump %s: Redis unavailable (%s); batch put back", pump_name, exc)
+        settings = runtime.settings()
+        retry_later(
+            self,
+            exc,
+            countdown_s=backoff_s(
+                self.request.retries,
+                base_s=settings.delivery.retry_backoff_base_s,
+                max_s=settings.delivery.retry_backoff_max_s,
+            ),
+        )
+
+
+def _write(self: Task, pump_name: str, payload: bytes) -> dict[str, Any]:
     settings = runtime.settings()
     client = runtime.redis_client()
     dead_letters = DeadLetterStore(client, settings)
@@ -133,11 +177,4 @@ def _retry_or_dead_letter(
         countdown,
     )
     runtime.redis_client().hincrby(settings.key("stats"), f"retries:{pump_name}", 1)
-    try:
-        raise task.retry(countdown=countdown, exc=error)
-    except Retry:
-        raise
-    except Exception as exc:
-        # The retry could not be published (broker unreachable): give the message back rather
-        # than let Celery drop it.
-        raise Reject(f"retry not published: {exc}", requeue=True) from exc
+    retry_later(task, error, countdown_s=countdown)
