@@ -71,7 +71,8 @@ def purge_amqp_queues(url: str, names: list[str]) -> None:
 
 
 def fault_config(tmp_path: Path, broker_url: str, **overrides: Any) -> dict[str, Any]:
-    config = base_config(tmp_path, db=FAULTS_REDIS_DB, **overrides)
+    overrides.setdefault("db", FAULTS_REDIS_DB)
+    config = base_config(tmp_path, **overrides)
     if broker_url:
         config["broker-url"] = broker_url
         purge_amqp_queues(broker_url, ["ingest", "purge", *(f"pump.{n}" for n in config["pumps"])])

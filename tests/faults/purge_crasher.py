@@ -1,6 +1,6 @@
 """Run one purge and die (os._exit, no clean-up) at a chosen point; used by the purge tests.
 
-    python -m tests.faults.purge_crasher before-enqueue|after-enqueue
+python -m tests.faults.purge_crasher before-enqueue|after-enqueue
 """
 
 from __future__ import annotations

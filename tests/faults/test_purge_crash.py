@@ -24,7 +24,7 @@ LIST_KEY = "analytics-iam-system-analytics"
 def push(client: redis.Redis, tag: str, count: int) -> set[str]:
     records = make_records(tag, count)
     for start in range(0, count, 1000):
-        client.rpush(LIST_KEY, *(encode_go_record(r) for r in records[start:start + 1000]))
+        client.rpush(LIST_KEY, *(encode_go_record(r) for r in records[start : start + 1000]))
     return {r.request for r in records}
 
 
@@ -32,20 +32,30 @@ def push(client: redis.Redis, tag: str, count: int) -> set[str]:
 def test_purge_killed_loses_nothing_and_delivers_once(
     tmp_path: Path, broker: str, faults_db: redis.Redis, procs: list[Proc], point: str
 ) -> None:
-    config = write_config(tmp_path / "c.yaml", fault_config(
-        tmp_path, broker, delivery={"purge-lock-ttl-s": 3, "purge-chunk-size": 500},
-    ))
+    config = write_config(
+        tmp_path / "c.yaml",
+        fault_config(
+            tmp_path,
+            broker,
+            delivery={"purge-lock-ttl-s": 3, "purge-chunk-size": 500},
+        ),
+    )
     expected = push(faults_db, "purge", 3000)
     crashed = subprocess.run(
         [sys.executable, "-m", "tests.faults.purge_crasher", point],
-        env=celery_env(config), cwd=REPO, capture_output=True, timeout=120,
+        env=celery_env(config),
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
     )
     assert crashed.returncode == CRASH_EXIT_STATUS, crashed.stderr[-2000:]
     assert faults_db.llen(LIST_KEY) == 3000, "a crashed purge must not have removed anything"
     procs.append(start_worker(config, tmp_path / "w.log"))
     procs.append(start_beat(config, tmp_path / "beat.log", tmp_path))
     lost, duplicated, _ = await_delivery(
-        tmp_path / "csv", expected, timeout_s=90,
+        tmp_path / "csv",
+        expected,
+        timeout_s=90,
         label=f"purge killed {point} ({'amqp' if broker else 'redis'})",
     )
     assert lost == 0 and duplicated == 0
@@ -55,9 +65,14 @@ def test_purge_killed_loses_nothing_and_delivers_once(
 def test_two_beats_and_two_workers_purge_without_double_delivery(
     tmp_path: Path, broker: str, faults_db: redis.Redis, procs: list[Proc]
 ) -> None:
-    config = write_config(tmp_path / "c.yaml", fault_config(
-        tmp_path, broker, delivery={"purge-chunk-size": 200},
-    ))
+    config = write_config(
+        tmp_path / "c.yaml",
+        fault_config(
+            tmp_path,
+            broker,
+            delivery={"purge-chunk-size": 200},
+        ),
+    )
     expected = push(faults_db, "twice", 20_000)
     for name in ("a", "b"):
         procs.append(start_worker(config, tmp_path / f"w-{name}.log", name=name))
@@ -65,7 +80,9 @@ def test_two_beats_and_two_workers_purge_without_double_delivery(
         beat_dir.mkdir()
         procs.append(start_beat(config, tmp_path / f"beat-{name}.log", beat_dir))
     lost, duplicated, _ = await_delivery(
-        tmp_path / "csv", expected, timeout_s=120,
+        tmp_path / "csv",
+        expected,
+        timeout_s=120,
         label=f"two beats, two workers ({'amqp' if broker else 'redis'})",
     )
     assert lost == 0 and duplicated == 0

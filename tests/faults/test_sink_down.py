@@ -37,7 +37,10 @@ def bring_back(directory: Path, away: Path) -> None:
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "app.cli", "dead-letters", *args, "--config", str(config)],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
 
 
@@ -45,12 +48,18 @@ def test_sink_down_for_a_while_then_back_delivers_everything(
     tmp_path: Path, broker: str, faults_db: redis.Redis, procs: list[Proc]
 ) -> None:
     flaky_dir, steady_dir = tmp_path / "flaky", tmp_path / "steady"
-    config = write_config(tmp_path / "c.yaml", fault_config(
-        tmp_path, broker,
-        pumps={"flaky": {"type": "csv", "max-retries": 20, "meta": {"csv_dir": str(flaky_dir)}},
-               "steady": {"type": "csv", "meta": {"csv_dir": str(steady_dir)}}},
-        delivery={"retry-backoff-base-s": 0.5, "retry-backoff-max-s": 3},
-    ))
+    config = write_config(
+        tmp_path / "c.yaml",
+        fault_config(
+            tmp_path,
+            broker,
+            pumps={
+                "flaky": {"type": "csv", "max-retries": 20, "meta": {"csv_dir": str(flaky_dir)}},
+                "steady": {"type": "csv", "meta": {"csv_dir": str(steady_dir)}},
+            },
+            delivery={"retry-backoff-base-s": 0.5, "retry-backoff-max-s": 3},
+        ),
+    )
     away = take_away(flaky_dir)
     procs.append(start_worker(config, tmp_path / "w.log"))
     records = make_records("down", 5000)
@@ -62,7 +71,9 @@ def test_sink_down_for_a_while_then_back_delivers_everything(
     time.sleep(3)
     bring_back(flaky_dir, away)
     lost, duplicated, _ = await_delivery(
-        flaky_dir, expected, timeout_s=60,
+        flaky_dir,
+        expected,
+        timeout_s=60,
         label=f"sink down then back ({'amqp' if broker else 'redis'})",
     )
     assert lost == 0 and duplicated == 0
@@ -73,13 +84,19 @@ def test_sink_that_stays_down_fills_dead_letters_which_replay_delivers(
     tmp_path: Path, broker: str, faults_db: redis.Redis, procs: list[Proc]
 ) -> None:
     dead_dir, steady_dir = tmp_path / "dead", tmp_path / "steady"
-    config = write_config(tmp_path / "c.yaml", fault_config(
-        tmp_path, broker,
-        pumps={"dead": {"type": "csv", "max-retries": 2, "meta": {"csv_dir": str(dead_dir)}},
-               "steady": {"type": "csv", "meta": {"csv_dir": str(steady_dir)}}},
-        analytics={"records-buffer-size": 2000, "pool-size": 4},
-        delivery={"retry-backoff-base-s": 0.2, "retry-backoff-max-s": 1},
-    ))
+    config = write_config(
+        tmp_path / "c.yaml",
+        fault_config(
+            tmp_path,
+            broker,
+            pumps={
+                "dead": {"type": "csv", "max-retries": 2, "meta": {"csv_dir": str(dead_dir)}},
+                "steady": {"type": "csv", "meta": {"csv_dir": str(steady_dir)}},
+            },
+            analytics={"records-buffer-size": 2000, "pool-size": 4},
+            delivery={"retry-backoff-base-s": 0.2, "retry-backoff-max-s": 1},
+        ),
+    )
     away = take_away(dead_dir)
     procs.append(start_worker(config, tmp_path / "w.log"))
     records = make_records("dlq", 3000)
@@ -108,7 +125,9 @@ def test_sink_that_stays_down_fills_dead_letters_which_replay_delivers(
     replayed = cli(config, "replay", "dead", "--all")
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     lost, duplicated, _ = await_delivery(
-        dead_dir, expected, timeout_s=60,
+        dead_dir,
+        expected,
+        timeout_s=60,
         label=f"dead letters replayed ({'amqp' if broker else 'redis'})",
     )
     assert lost == 0 and duplicated == 0
@@ -119,10 +138,14 @@ def test_dropping_dead_letters_needs_confirmation(
     tmp_path: Path, faults_db: redis.Redis, procs: list[Proc]
 ) -> None:
     dead_dir = tmp_path / "dead"
-    config = write_config(tmp_path / "c.yaml", fault_config(
-        tmp_path, "",
-        pumps={"dead": {"type": "csv", "max-retries": 0, "meta": {"csv_dir": str(dead_dir)}}},
-    ))
+    config = write_config(
+        tmp_path / "c.yaml",
+        fault_config(
+            tmp_path,
+            "",
+            pumps={"dead": {"type": "csv", "max-retries": 0, "meta": {"csv_dir": str(dead_dir)}}},
+        ),
+    )
     take_away(dead_dir)
     procs.append(start_worker(config, tmp_path / "w.log"))
     report(make_records("drop", 10), config)

@@ -25,15 +25,22 @@ def children(pid: int) -> list[int]:
 
 
 def test_pool_process_killed_mid_write_is_requeued_at_once(
-    tmp_path: Path, broker: str, faults_db: redis.Redis, procs: list[Proc],
+    tmp_path: Path,
+    broker: str,
+    faults_db: redis.Redis,
+    procs: list[Proc],
     plugin_env: dict[str, str],
 ) -> None:
     csv_dir = tmp_path / "csv"
-    config = write_config(tmp_path / "c.yaml", fault_config(
-        tmp_path, broker,
-        pumps={"csv": {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": 1.0}}},
-        analytics={"records-buffer-size": 2000, "pool-size": 4},
-    ))
+    config = write_config(
+        tmp_path / "c.yaml",
+        fault_config(
+            tmp_path,
+            broker,
+            pumps={"csv": {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": 1.0}}},
+            analytics={"records-buffer-size": 2000, "pool-size": 4},
+        ),
+    )
     worker = start_worker(config, tmp_path / "w.log", env=celery_env(config, **plugin_env))
     procs.append(worker)
     records = make_records("child", 6000)
@@ -52,23 +59,34 @@ def test_pool_process_killed_mid_write_is_requeued_at_once(
 
 @pytest.mark.parametrize("role", ["ingest", "pump"])
 def test_whole_worker_killed_is_redelivered_within_two_minutes(
-    tmp_path: Path, broker: str, faults_db: redis.Redis, procs: list[Proc],
-    plugin_env: dict[str, str], role: str,
+    tmp_path: Path,
+    broker: str,
+    faults_db: redis.Redis,
+    procs: list[Proc],
+    plugin_env: dict[str, str],
+    role: str,
 ) -> None:
     """Separate ingest and pump workers; SIGKILL the whole process group of one of them."""
     csv_dir = tmp_path / "csv"
     delay_s = 1.0 if role == "pump" else 0.0
-    config = write_config(tmp_path / "c.yaml", fault_config(
-        tmp_path, broker,
-        pumps={"csv": {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": delay_s}}},
-        analytics={"records-buffer-size": 200, "pool-size": 4},
-    ))
+    config = write_config(
+        tmp_path / "c.yaml",
+        fault_config(
+            tmp_path,
+            broker,
+            pumps={
+                "csv": {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": delay_s}}
+            },
+            analytics={"records-buffer-size": 200, "pool-size": 4},
+        ),
+    )
     env = celery_env(config, **plugin_env)
     records = make_records(role, 20_000)
     report(records, config)  # 400 batches wait in the ingest queue
     pump = start_worker(config, tmp_path / "pump.log", queues="pump.csv", name="pump", env=env)
-    ingest = start_worker(config, tmp_path / "ingest.log", queues="ingest,purge", name="ingest",
-                          env=env)
+    ingest = start_worker(
+        config, tmp_path / "ingest.log", queues="ingest,purge", name="ingest", env=env
+    )
     procs += [ingest, pump]
     victim = ingest if role == "ingest" else pump
     assert wait_until(lambda: requests_in(csv_dir), 30)
@@ -78,12 +96,18 @@ def test_whole_worker_killed_is_redelivered_within_two_minutes(
         held = faults_db.hlen("unacked")
         print(f"\n{held} task(s) held by the killed {role} worker")
         assert held > 0, "the killed worker held no task: no fault injected"
-    replacement = start_worker(config, tmp_path / f"{role}2.log",
-                               queues="ingest,purge" if role == "ingest" else "pump.csv",
-                               name=f"{role}2", env=env)
+    replacement = start_worker(
+        config,
+        tmp_path / f"{role}2.log",
+        queues="ingest,purge" if role == "ingest" else "pump.csv",
+        name=f"{role}2",
+        env=env,
+    )
     procs.append(replacement)
     lost, duplicated, elapsed = await_delivery(
-        csv_dir, {r.request for r in records}, timeout_s=REDELIVERY_PROMISE_S + 30,
+        csv_dir,
+        {r.request for r in records},
+        timeout_s=REDELIVERY_PROMISE_S + 30,
         label=f"{role} worker SIGKILL ({'amqp' if broker else 'redis'})",
     )
     assert lost == 0

@@ -26,17 +26,27 @@ SOFT_SHUTDOWN_S = 2.0
 
 
 def test_sigterm_then_sigkill_after_grace_requeues_at_once(
-    tmp_path: Path, broker: str, faults_db: redis.Redis, procs: list[Proc],
+    tmp_path: Path,
+    broker: str,
+    faults_db: redis.Redis,
+    procs: list[Proc],
     plugin_env: dict[str, str],
 ) -> None:
     csv_dir = tmp_path / "csv"
-    config = write_config(tmp_path / "c.yaml", fault_config(
-        tmp_path, broker,
-        pumps={"csv": {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": 4.0}}},
-        analytics={"records-buffer-size": 2000, "pool-size": 4},
-        delivery={"retry-backoff-base-s": 0.2, "retry-backoff-max-s": 2,
-                  "soft-shutdown-timeout-s": SOFT_SHUTDOWN_S},
-    ))
+    config = write_config(
+        tmp_path / "c.yaml",
+        fault_config(
+            tmp_path,
+            broker,
+            pumps={"csv": {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": 4.0}}},
+            analytics={"records-buffer-size": 2000, "pool-size": 4},
+            delivery={
+                "retry-backoff-base-s": 0.2,
+                "retry-backoff-max-s": 2,
+                "soft-shutdown-timeout-s": SOFT_SHUTDOWN_S,
+            },
+        ),
+    )
     env = celery_env(config, **plugin_env)
     worker = start_worker(config, tmp_path / "w1.log", env=env)
     procs.append(worker)
@@ -57,7 +67,9 @@ def test_sigterm_then_sigkill_after_grace_requeues_at_once(
     replacement = start_worker(config, tmp_path / "w2.log", name="w2", env=env)
     procs.append(replacement)
     lost, duplicated, elapsed = await_delivery(
-        csv_dir, {r.request for r in records}, timeout_s=60,
+        csv_dir,
+        {r.request for r in records},
+        timeout_s=60,
         label=f"SIGTERM + SIGKILL after {GRACE_PERIOD_S:.0f}s ({'amqp' if broker else 'redis'})",
     )
     assert lost == 0
@@ -65,16 +77,23 @@ def test_sigterm_then_sigkill_after_grace_requeues_at_once(
 
 
 def test_plain_sigterm_finishes_running_writes_and_requeues_the_rest(
-    tmp_path: Path, broker: str, faults_db: redis.Redis, procs: list[Proc],
+    tmp_path: Path,
+    broker: str,
+    faults_db: redis.Redis,
+    procs: list[Proc],
     plugin_env: dict[str, str],
 ) -> None:
     csv_dir = tmp_path / "csv"
-    config = write_config(tmp_path / "c.yaml", fault_config(
-        tmp_path, broker,
-        pumps={"csv": {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": 0.5}}},
-        analytics={"records-buffer-size": 2000, "pool-size": 4},
-        delivery={"soft-shutdown-timeout-s": 3.0},
-    ))
+    config = write_config(
+        tmp_path / "c.yaml",
+        fault_config(
+            tmp_path,
+            broker,
+            pumps={"csv": {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": 0.5}}},
+            analytics={"records-buffer-size": 2000, "pool-size": 4},
+            delivery={"soft-shutdown-timeout-s": 3.0},
+        ),
+    )
     env = celery_env(config, **plugin_env)
     worker = start_worker(config, tmp_path / "w1.log", env=env)
     procs.append(worker)
@@ -87,7 +106,9 @@ def test_plain_sigterm_finishes_running_writes_and_requeues_the_rest(
     assert 0 < written < len(records)
     procs.append(start_worker(config, tmp_path / "w2.log", name="w2", env=env))
     lost, _, elapsed = await_delivery(
-        csv_dir, {r.request for r in records}, timeout_s=60,
+        csv_dir,
+        {r.request for r in records},
+        timeout_s=60,
         label=f"SIGTERM ({'amqp' if broker else 'redis'})",
     )
     assert lost == 0 and elapsed < 30
