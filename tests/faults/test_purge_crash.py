@@ -87,4 +87,4 @@ def test_two_beats_and_two_workers_purge_without_double_delivery(
     )
     assert lost == 0 and duplicated == 0
     assert int(faults_db.get("iam-pump:purge:offset") or 0) == 20_000
-    assert FAULTS_REDIS_DB == faults_db.connection_pool.connection_kwargs["db"]
+    assert faults_db.connection_pool.connection_kwargs["db"] == FAULTS_REDIS_DB

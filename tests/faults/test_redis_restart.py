@@ -134,7 +134,7 @@ def test_redis_killed_and_restarted_loses_no_accepted_record(
     if buffer_size < 10_000 and not broker:
         # The reporter ships to Redis here, so its small buffer overflows during the outage.
         assert stats.dropped_buffer_full > 0, "the small buffer should have overflowed"
-    lost, duplicated, _ = await_delivery(
+    lost, _duplicated, _ = await_delivery(
         tmp_path / "csv",
         accepted,
         timeout_s=150,

@@ -49,7 +49,7 @@ def test_pool_process_killed_mid_write_is_requeued_at_once(
     killed = children(worker.pid)
     for pid in killed:
         Proc.kill_pid(pid)
-    lost, duplicated, elapsed = await_delivery(
+    lost, _duplicated, elapsed = await_delivery(
         csv_dir, {r.request for r in records}, timeout_s=60, label="pool process SIGKILL"
     )
     assert lost == 0
@@ -104,7 +104,7 @@ def test_whole_worker_killed_is_redelivered_within_two_minutes(
         env=env,
     )
     procs.append(replacement)
-    lost, duplicated, elapsed = await_delivery(
+    lost, _duplicated, elapsed = await_delivery(
         csv_dir,
         {r.request for r in records},
         timeout_s=REDELIVERY_PROMISE_S + 30,

@@ -66,7 +66,7 @@ def test_sigterm_then_sigkill_after_grace_requeues_at_once(
         assert faults_db.hlen("unacked") == 0, "unfinished tasks were left to the timeout"
     replacement = start_worker(config, tmp_path / "w2.log", name="w2", env=env)
     procs.append(replacement)
-    lost, duplicated, elapsed = await_delivery(
+    lost, _duplicated, elapsed = await_delivery(
         csv_dir,
         {r.request for r in records},
         timeout_s=60,

@@ -42,7 +42,7 @@ def make_record(tag: str, index: int) -> AnalyticsRecord:
         timestamp=1_700_000_000 + index,
         username=f"user-{index % 7}",
         effect="allow" if index % 3 else "deny",
-        conclusion=f"conclusion {index}, with \"quotes\"",
+        conclusion=f'conclusion {index}, with "quotes"',
         request=f"{tag}-{index}",
         policies=f'[{{"id": "p{index}"}}]',
         deciders="ü-deciders",
@@ -52,9 +52,14 @@ def make_record(tag: str, index: int) -> AnalyticsRecord:
 
 def expected_row(record: AnalyticsRecord) -> dict[str, str]:
     return {
-        "TimeStamp": str(record.timestamp), "Username": record.username, "Effect": record.effect,
-        "Conclusion": record.conclusion, "Request": record.request, "Policies": record.policies,
-        "Deciders": record.deciders, "ExpireAt": go_time_string(record.expire_at),
+        "TimeStamp": str(record.timestamp),
+        "Username": record.username,
+        "Effect": record.effect,
+        "Conclusion": record.conclusion,
+        "Request": record.request,
+        "Policies": record.policies,
+        "Deciders": record.deciders,
+        "ExpireAt": go_time_string(record.expire_at),
     }
 
 
@@ -87,7 +92,7 @@ def test_reporter_and_go_records_reach_csv_exactly_once_with_every_field(
     python_records = [make_record("py", i) for i in range(10_000)]
     go_records = [make_record("go", i) for i in range(10_000)]
     for start in range(0, len(go_records), 1000):
-        redis_db.rpush(list_key, *(encode_go_record(r) for r in go_records[start:start + 1000]))
+        redis_db.rpush(list_key, *(encode_go_record(r) for r in go_records[start : start + 1000]))
     report(python_records, config)
 
     csv_dir = tmp_path / "csv"
@@ -128,8 +133,10 @@ def test_sigterm_under_load_loses_nothing(
     counts = count_by_request(read_csv_rows(csv_dir))
     lost = {r.request for r in records} - set(counts)
     duplicated = sum(n - 1 for n in counts.values())
-    print(f"\nrecords: {len(records)}, written before restart: {written_before_restart}, "
-          f"lost: {len(lost)}, duplicated: {duplicated}")
+    print(
+        f"\nrecords: {len(records)}, written before restart: {written_before_restart}, "
+        f"lost: {len(lost)}, duplicated: {duplicated}"
+    )
     assert queued > 0, "the worker had finished before SIGTERM: nothing was under load"
     assert not lost
 
@@ -151,9 +158,20 @@ def test_malformed_records_on_the_list_are_set_aside_and_the_rest_delivered(
         r.request for r in good
     )
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "dead-letters", "list", "ingest", "--config",
-         str(config)],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "dead-letters",
+            "list",
+            "ingest",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert "not msgpack" in result.stdout
@@ -190,10 +208,15 @@ def test_retries_then_dead_letters_and_other_pumps_flow(
             pumps={
                 "csv": {"type": "csv", "meta": {"csv_dir": str(tmp_path / "csv")}},
                 "flaky": {"type": "memory", "meta": {"fail_times": 2}},
-                "broken": {"type": "memory", "max-retries": 2,
-                           "meta": {"fail_times": 1000, "fail_kind": "temporary"}},
-                "refused": {"type": "memory", "meta": {"fail_times": 1000,
-                                                        "fail_kind": "permanent"}},
+                "broken": {
+                    "type": "memory",
+                    "max-retries": 2,
+                    "meta": {"fail_times": 1000, "fail_kind": "temporary"},
+                },
+                "refused": {
+                    "type": "memory",
+                    "meta": {"fail_times": 1000, "fail_kind": "permanent"},
+                },
             },
         ),
     )
@@ -212,7 +235,10 @@ def test_retries_then_dead_letters_and_other_pumps_flow(
     assert len(read_csv_rows(tmp_path / "csv")) == 500
     result = subprocess.run(
         [sys.executable, "-m", "app.cli", "dead-letters", "list", "--config", str(config)],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
     assert "broken" in result.stdout and "injected failure" in result.stdout
 
@@ -230,9 +256,24 @@ def test_iam_pump_run_serves_health_and_metrics_and_runs_the_pipeline(
 ) -> None:
     settings = base_config(tmp_path)
     config = write_config(tmp_path / "c.yaml", settings)
-    run = Proc([sys.executable, "-m", "app.cli", "run", "--config", str(config), "--demo",
-                "--demo-rate", "100", "--concurrency", "1"],
-               env=celery_env(config), log=tmp_path / "run.log", cwd=REPO)
+    run = Proc(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "run",
+            "--config",
+            str(config),
+            "--demo",
+            "--demo-rate",
+            "100",
+            "--concurrency",
+            "1",
+        ],
+        env=celery_env(config),
+        log=tmp_path / "run.log",
+        cwd=REPO,
+    )
     procs.append(run)
     run.wait_for_output("ready.", 60)
     base = f"http://{settings['health-check-address']}"
@@ -255,9 +296,13 @@ def test_health_names_what_is_broken(tmp_path: Path, redis_db: redis.Redis) -> N
 
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    settings = parse_settings(json.dumps(base_config(
-        tmp_path, pumps={"csv": {"type": "csv", "meta": {"csv_dir": str(blocker / "csv")}}}
-    )))
+    settings = parse_settings(
+        json.dumps(
+            base_config(
+                tmp_path, pumps={"csv": {"type": "csv", "meta": {"csv_dir": str(blocker / "csv")}}}
+            )
+        )
+    )
     checker = HealthChecker(settings, redis_client(settings))
     report_ = checker.check()
     assert not report_.healthy
@@ -278,7 +323,10 @@ def test_iam_pump_run_refuses_a_bad_config(tmp_path: Path) -> None:
     bad.write_text("pumps: {x: {type: nope}}\n")
     result = subprocess.run(
         [sys.executable, "-m", "app.cli", "run", "--config", str(bad)],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "pumps.x.type" in result.stderr
@@ -294,6 +342,7 @@ def test_expiry_is_filled_from_storage_expiration_time(
     report([AnalyticsRecord(username="x", request="exp")], config)
     assert wait_until(lambda: len(read_csv_rows(tmp_path / "csv")) == 1, 30)
     expire = read_csv_rows(tmp_path / "csv")[0]["ExpireAt"]
-    parsed = datetime.strptime(expire.split(".")[0].replace(" +0000 UTC", ""),
-                               "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    parsed = datetime.strptime(
+        expire.split(".")[0].replace(" +0000 UTC", ""), "%Y-%m-%d %H:%M:%S"
+    ).replace(tzinfo=UTC)
     assert abs((parsed - (datetime.now(UTC) + timedelta(hours=2))).total_seconds()) < 60
