@@ -51,6 +51,15 @@ def _remap_sigterm(sender: Any, options: dict[str, Any], **_: Any) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "celery", *sys.argv[1:]])
 
 
+@signals.worker_init.connect
+@signals.beat_init.connect
+def _report_ignored_keys(**_: Any) -> None:
+    from app.config import warn_ignored_keys
+    from app.runtime import settings
+
+    warn_ignored_keys(settings())
+
+
 @signals.worker_process_shutdown.connect
 def _close_pumps(**_: Any) -> None:
     from app.runtime import close_pumps

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -20,19 +21,49 @@ from typing import Any
 
 import yaml
 
-from app.config import CONFIG_ENV_VAR, Settings, load_settings, masked
+from app.config import CONFIG_ENV_VAR, Settings, load_settings, masked, warn_ignored_keys
 from app.errors import ConfigError
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line (``log.format: json``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    if settings.log.format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log.python_level)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     """Load the config named on the command line; also make it the one Celery reads."""
     if args.config:
         os.environ[CONFIG_ENV_VAR] = os.path.abspath(args.config)
-    return load_settings(args.config)
+    settings = load_settings(args.config)
+    _configure_logging(settings)
+    warn_ignored_keys(settings)
+    return settings
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -60,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "-s",
             os.path.join(state_dir, "beat-schedule"),
             "-l",
-            args.loglevel,
+            args.loglevel or settings.log.python_level,
         ]
         if args.concurrency:
             command += ["-c", str(args.concurrency)]
@@ -164,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--demo", action="store_true", help="also run a demo producer")
     run.add_argument("--demo-rate", type=int, default=200, help="demo records per second")
     run.add_argument("--concurrency", type=int, default=0, help="worker processes")
-    run.add_argument("--loglevel", default="info")
+    run.add_argument("--loglevel", default=None, help="worker log level (default: log.level)")
     run.set_defaults(func=cmd_run)
 
     check = commands.add_parser(
@@ -191,9 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -10,6 +10,7 @@ before anything touches data.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from importlib import resources
@@ -29,6 +30,8 @@ from pydantic import (
 )
 
 from app.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 CONFIG_ENV_VAR = "IAM_PUMP_CONFIG"
 DEFAULT_ANALYTICS_KEY = "analytics-iam-system-analytics"
@@ -213,8 +216,8 @@ class DeliveryConfig(_Model):
 
 
 class LogConfig(_Model):
-    """iam's ``log:`` block. ``level`` and ``format`` are used; iam's other keys are accepted so
-    an iam file loads, and reported as ignored at start-up."""
+    """iam's ``log:`` block. ``level`` and ``format`` set up the ``iam-pump`` commands' logging;
+    iam's other keys are accepted so an iam file loads, and reported as ignored at start-up."""
 
     level: Literal["debug", "info", "warn", "warning", "error", "dpanic", "panic", "fatal"] = "info"
     format: Literal["console", "json"] = "console"
@@ -227,6 +230,16 @@ class LogConfig(_Model):
     disable_stacktrace: bool | None = None
     output_paths: str | None = None
     error_output_paths: str | None = None
+
+    @property
+    def python_level(self) -> str:
+        """The ``logging`` level name for ``level`` (zap's dpanic/panic/fatal are CRITICAL)."""
+        return {
+            "warn": "WARNING",
+            "dpanic": "CRITICAL",
+            "panic": "CRITICAL",
+            "fatal": "CRITICAL",
+        }.get(self.level, self.level.upper())
 
 
 class Settings(_Model):
@@ -302,6 +315,17 @@ class Settings(_Model):
             + [DEFAULT_PUMP_TIMEOUT_S + HARD_LIMIT_GRACE_S]
         )
         return longest_task_s + self.delivery.retry_backoff_max_s + VISIBILITY_MARGIN_S
+
+    def ignored_keys(self) -> list[str]:
+        """Keys of iam's that were given but have no effect here (reported at start-up)."""
+        ignored = [
+            f"log.{_kebab(name)}"
+            for name in self.log.model_fields_set
+            if name not in ("level", "format")
+        ]
+        if "optimisation_max_idle" in self.redis.model_fields_set:
+            ignored.append("redis.optimisation-max-idle")
+        return sorted(ignored)
 
     def key(self, *parts: str) -> str:
         """A Redis key of ours, under ``key-prefix``."""
@@ -393,6 +417,17 @@ def parse_settings(text: str, *, source: str = "") -> Settings:
     if problems or settings is None:
         raise ConfigError(problems, source=source)
     return settings
+
+
+def warn_ignored_keys(settings: Settings) -> None:
+    """Log, once logging is set up, which of iam's options have no effect here."""
+    ignored = settings.ignored_keys()
+    if ignored:
+        logger.warning(
+            "%s: ignored (iam options with no effect here): %s",
+            settings.source or "config",
+            ", ".join(ignored),
+        )
 
 
 def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:

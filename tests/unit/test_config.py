@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from app.config import ConfigError, load_settings, masked, parse_duration_s, parse_settings
+from app.config import (
+    ConfigError,
+    load_settings,
+    masked,
+    parse_duration_s,
+    parse_settings,
+    warn_ignored_keys,
+)
 from tests.support import REPO
 
 IAM_PUMP_YAML = """
@@ -177,3 +184,35 @@ def test_celery_worker_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "purge-delay" in result.stderr
+
+
+def test_iam_options_without_effect_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    settings = parse_settings(
+        "log: {level: warn, name: pump, output-paths: x}\nredis: {optimisation-max-idle: 5}\n"
+    )
+    with caplog.at_level("WARNING"):
+        warn_ignored_keys(settings)
+    assert settings.ignored_keys() == [
+        "log.name",
+        "log.output-paths",
+        "redis.optimisation-max-idle",
+    ]
+    assert "log.output-paths" in caplog.text
+    assert settings.log.python_level == "WARNING"
+
+
+def test_json_log_format_is_one_object_per_line(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("log: {format: json, level: info, name: pump}\nredis: {port: 1}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    import json
+
+    lines = [line for line in result.stderr.splitlines() if line.startswith("{")]
+    assert result.returncode == 1
+    assert any("log.name" in json.loads(line)["message"] for line in lines), result.stderr
