@@ -438,9 +438,18 @@ def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         elif "input" in error and error["type"] != "missing":
-            message = f"{message} (got {error['input']!r:.80})"
+            message = f"{message} (got {_shown_value(location, error['input'])})"
         problems.append((".".join(location), message))
     return problems
+
+
+def _shown_value(location: list[str], value: Any) -> str:
+    # A bad value is echoed to name the problem, but never a secret.
+    if location and _is_secret(location[-1]):
+        return "***"
+    if isinstance(value, str) and "://" in value:
+        value = mask_url(value)
+    return f"{value!r:.80}"
 
 
 def _validate_pump_meta(pumps: Any) -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ import redis
 
 from app.config import Settings, load_settings
 from pumps.base import Pump
+from pumps.errors import PumpError
 from pumps.pipeline import Step, build_pipeline
 from pumps.registry import resolve_pump_class
 
@@ -72,8 +73,15 @@ def pump(name: str) -> Pump:
 def pipeline(name: str) -> list[Step]:
     """The record transforms for pump ``name``."""
     current = settings()
+    entry = current.pumps[name]
+    try:
+        handles_size = resolve_pump_class(entry.type).handles_record_size
+    except PumpError:
+        handles_size = False  # the write itself will report the pump as unusable
     return build_pipeline(
-        current.pumps[name], omit_detailed_globally=current.omit_detailed_recording
+        entry,
+        omit_detailed_globally=current.omit_detailed_recording,
+        size_limit_step=not handles_size,
     )
 
 

@@ -46,6 +46,9 @@ class Pump:
     Meta: ClassVar[type[BaseModel]] = NoMeta
     #: True when the sink stores a record id once however often it is written.
     upserts: ClassVar[bool] = False
+    #: True when the pump deals with oversized records itself (e.g. trims them), so the
+    #: pipeline's ``max-record-size-bytes`` step is left out for it.
+    handles_record_size: ClassVar[bool] = False
 
     def __init__(self, name: str, meta: BaseModel, *, timeout_s: float) -> None:
         self.name = name

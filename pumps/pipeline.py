@@ -73,15 +73,22 @@ def size_limit(max_bytes: int) -> Step:
     return step
 
 
-def build_pipeline(entry: PumpEntryConfig, *, omit_detailed_globally: bool) -> list[Step]:
-    """The steps for one pump, in order: filter first, so dropped records cost nothing more."""
+def build_pipeline(
+    entry: PumpEntryConfig, *, omit_detailed_globally: bool, size_limit_step: bool = True
+) -> list[Step]:
+    """The steps for one pump, in order: filter first, so dropped records cost nothing more.
+
+    ``size_limit_step=False`` leaves out ``max-record-size-bytes`` for a pump that handles record
+    size itself.
+    """
     steps: list[Step] = []
     filter_step = username_filter(entry.filters.usernames, entry.filters.skip_usernames)
     if filter_step is not None:
         steps.append(filter_step)
     if entry.omit_detailed_recording or omit_detailed_globally:
         steps.append(omit_detailed)
-    steps.append(size_limit(entry.max_record_size_bytes))
+    if size_limit_step:
+        steps.append(size_limit(entry.max_record_size_bytes))
     return steps
 
 

@@ -23,6 +23,9 @@ BUILTIN_PUMPS: dict[str, str] = {
     "csv": "pumps.csv:CSVPump",
     "stdout": "pumps.stdout:StdoutPump",
     "memory": "pumps.memory:MemoryPump",
+    "mongo": "pumps.mongo:MongoPump",
+    "mongo-aggregate": "pumps.mongo_aggregate:MongoAggregatePump",
+    "elasticsearch": "pumps.elasticsearch:ElasticsearchPump",
 }
 
 #: The pip extra that brings the driver of a built-in pump whose driver is optional.

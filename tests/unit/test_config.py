@@ -216,3 +216,15 @@ def test_json_log_format_is_one_object_per_line(tmp_path: Path) -> None:
     lines = [line for line in result.stderr.splitlines() if line.startswith("{")]
     assert result.returncode == 1
     assert any("log.name" in json.loads(line)["message"] for line in lines), result.stderr
+
+
+def test_errors_never_echo_secrets() -> None:
+    found = problems(
+        "redis: {password: [not, a, string]}\n"
+        "broker-url: 42\n"
+        "pumps: {m: {type: mongo, meta: {mongo_url: 'mongodb://u:hunter2@h:port/db', nope: 1,"
+        " collection_name: [x]}}}\n"
+    )
+    text = repr(found)
+    assert "redis.password" in found and "not" not in found["redis.password"]
+    assert "pumps.m.meta.mongo_url" in found and "hunter2" not in text

@@ -548,6 +548,19 @@ def test_server_going_away_gives_temporary_errors_and_a_failing_check(store: Sin
     assert store.counts() == {record.username: 1 for record in first}
 
 
+def test_record_without_an_id_is_refused_alone(store: Sink) -> None:
+    """An id is what makes a store write once; a record without one is a dead letter."""
+    records = make_records("noid", 4)
+    records[1] = dataclasses.replace(records[1], id="")
+    with opened(store.pump()) as pump:
+        result = pump.write(records)
+    assert isinstance(result, WriteResult)
+    assert [(record.username, "id" in reason) for record, reason in result.rejected] == [
+        (records[1].username, True)
+    ]
+    assert store.counts() == {r.username: 1 for r in records if r is not records[1]}
+
+
 def test_check_before_open_says_so(store: Sink) -> None:
     with pytest.raises(PumpTemporaryError, match="not open"):
         store.pump().check()
@@ -1002,18 +1015,6 @@ def test_aggregate_remembers_exactly_the_documented_window(
         pump.write(copies(first))  # beyond the window: counted again
     user_doc = mongo_db["agg"].find_one({"dimension": "username"})
     assert user_doc is not None and user_doc["hits"] == 4 and len(user_doc["batches"]) == 2
-
-
-@pytest.mark.integration
-def test_aggregate_refuses_records_without_a_batch_id(mongo_db: Database[dict[str, Any]]) -> None:
-    records = make_records("noid", 3)
-    records[0] = dataclasses.replace(records[0], id="")
-    with opened(aggregate_pump(mongo_db, MongoAggregatePump)) as pump:
-        result = pump.write(records)
-    assert isinstance(result, WriteResult)
-    assert [record.id for record, _ in result.rejected] == [""]
-    doc = mongo_db["agg"].find_one({"dimension": "all"})
-    assert doc is not None and doc["hits"] == 2
 
 
 # -- elasticsearch -------------------------------------------------------------------------

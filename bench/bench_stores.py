@@ -1,0 +1,412 @@
+"""Records per second into MongoDB and Elasticsearch: raw client, our pumps, and end to end.
+
+    python bench/bench_stores.py --records 50000
+
+For each store, the same records are written three ways, each into a fresh collection or index:
+
+* ``raw``: the driver's own bulk call with the documents the pump would write (pymongo
+  ``insert_many(ordered=False)``, Elasticsearch ``bulk``), in batches of ``--batch-size``; for
+  mongo also the raw ``bulk_write`` of the same ``_id`` upserts the pump sends, and for the
+  aggregates the raw ``$inc`` upserts without the once-per-batch guard;
+* ``pump``: our pump's ``write()`` in this process, one call per batch;
+* ``e2e``: ``Analytics.record_hit`` -> Celery ingest -> write task -> pump, through a real
+  ``celery worker`` subprocess, timed from the first record handed to the reporter until the
+  store holds them all (worker start-up excluded).
+
+Ratios are against the ``raw`` row measured in the same run. Nothing is asserted. The end-to-end
+runs need Redis and use database ``--redis-db`` (default 15; the other benchmarks in ``bench/``
+use 12), which they flush: the benchmark owns that database while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pymongo
+import redis
+from elasticsearch import Elasticsearch
+from pymongo import UpdateOne
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from app.analytics import Analytics, AnalyticsOptions  # noqa: E402
+from app.record import AnalyticsRecord  # noqa: E402
+from pumps.base import Pump  # noqa: E402
+from pumps.elasticsearch import record_document as es_document  # noqa: E402
+from pumps.mongo import record_document as mongo_document  # noqa: E402
+from pumps.mongo_aggregate import MongoAggregatePump  # noqa: E402
+from pumps.registry import resolve_pump_class  # noqa: E402
+from tests.support import Proc, base_config, start_worker, write_config  # noqa: E402
+
+DEFAULT_RECORDS = 50_000
+DEFAULT_BATCH_SIZE_RECORDS = 1000
+DEFAULT_E2E_TIMEOUT_S = 600.0
+DEFAULT_WORKER_CONCURRENCY = 4
+#: The Redis database the end-to-end runs own (and flush); the other benchmarks own 12.
+DEFAULT_REDIS_DB = 15
+POLL_INTERVAL_S = 0.2
+PUMP_TIMEOUT_S = 60.0
+
+
+@dataclass(slots=True)
+class Row:
+    store: str
+    method: str
+    records: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else float("inf")
+
+
+def make_records(count: int, batch_size: int) -> list[AnalyticsRecord]:
+    """Records like iam's, in batches of ``batch_size`` with ids ``<batch>-<position>``."""
+    expire_at = datetime.now(UTC) + timedelta(days=1)
+    now = int(time.time())
+    records = []
+    batch = uuid.uuid4().hex
+    for index in range(count):
+        if index % batch_size == 0:
+            batch = uuid.uuid4().hex
+        records.append(
+            AnalyticsRecord(
+                timestamp=now - count + index,
+                username=f"user-{index % 50}",
+                effect="allow" if index % 4 else "deny",
+                conclusion="policies allow access" if index % 4 else "no policy allows access",
+                request=json.dumps(
+                    {
+                        "subject": f"user-{index % 50}",
+                        "action": "get",
+                        "resource": f"resources:articles:{index % 20}",
+                        "context": {"remoteIP": "192.168.0.5"},
+                    }
+                ),
+                policies='[{"id": "68819e5a-738b-41ec-b03c-b58a1b19d043", "effect": "allow"}]',
+                deciders='[{"id": "68819e5a-738b-41ec-b03c-b58a1b19d043", "effect": "allow"}]',
+                expire_at=expire_at,
+                id=f"{batch}-{index % batch_size}",
+            )
+        )
+    return records
+
+
+def batches(records: Sequence[AnalyticsRecord], size: int) -> list[Sequence[AnalyticsRecord]]:
+    return [records[start : start + size] for start in range(0, len(records), size)]
+
+
+def timed(store: str, method: str, count: int, action: Callable[[], None]) -> Row:
+    started = time.perf_counter()
+    action()
+    return Row(store, method, count, time.perf_counter() - started)
+
+
+def mongo_url(base: str, database: str) -> str:
+    parts = urlsplit(base)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, ""))
+
+
+def pump_writes(pump: Pump, groups: list[Sequence[AnalyticsRecord]]) -> Callable[[], None]:
+    def run() -> None:
+        for group in groups:
+            result = pump.write(group)
+            if result is not None and result.rejected:
+                raise RuntimeError(f"{len(result.rejected)} refused: {result.rejected[0][1]}")
+
+    return run
+
+
+def end_to_end(
+    args: argparse.Namespace,
+    store: str,
+    pump_entry: dict[str, Any],
+    records: Sequence[AnalyticsRecord],
+    stored: Callable[[], int],
+) -> Row | None:
+    """Records through the reporter and a real worker; None (with a note) when Redis is away."""
+    client = redis.Redis(host=args.redis_host, port=args.redis_port, db=args.redis_db)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        print(f"  e2e skipped: Redis unreachable ({exc})", file=sys.stderr)
+        client.close()
+        return None
+    client.flushdb()
+    with tempfile.TemporaryDirectory(prefix="bench-stores-") as folder:
+        tmp = Path(folder)
+        config = base_config(
+            tmp, redis_port=args.redis_port, db=args.redis_db, pumps={store: pump_entry}
+        )
+        config["redis"]["host"] = args.redis_host
+        config["analytics"] = {"records-buffer-size": 20_000, "pool-size": 4}
+        config_path = write_config(tmp / "config.yaml", config)
+        worker: Proc = start_worker(
+            config_path, tmp / "worker.log", concurrency=args.concurrency, name=f"bench-{store}"
+        )
+        try:
+            started = time.perf_counter()
+            deadline = time.monotonic() + args.e2e_timeout
+            analytics = Analytics(AnalyticsOptions.from_yaml(str(config_path)))
+            analytics.start()
+            for record in records:
+                while not analytics.record_hit(record):  # buffer full: offer it again
+                    if time.monotonic() > deadline:
+                        analytics.stop(timeout_s=1)
+                        print(f"  e2e {store}: the reporter could not ship", file=sys.stderr)
+                        return None
+                    time.sleep(0.0005)
+            analytics.stop()
+            while stored() < len(records):
+                if time.monotonic() > deadline:
+                    print(
+                        f"  e2e {store}: only {stored()} of {len(records)} arrived", file=sys.stderr
+                    )
+                    print(worker.output()[-2000:], file=sys.stderr)
+                    return None
+                time.sleep(POLL_INTERVAL_S)
+            elapsed = time.perf_counter() - started
+        finally:
+            worker.stop(timeout_s=30)
+            client.flushdb()
+            client.close()
+    return Row(store, "e2e (reporter -> celery -> pump)", len(records), elapsed)
+
+
+def bench_mongo(args: argparse.Namespace, records: list[AnalyticsRecord]) -> list[Row]:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        args.mongo_uri, serverSelectionTimeoutMS=5000
+    )
+    database = client[f"bench_{uuid.uuid4().hex[:8]}"]
+    groups = batches(records, args.batch_size)
+    rows = []
+    try:
+        documents = [[{"_id": r.id, **mongo_document(r)} for r in group] for group in groups]
+
+        def raw_insert() -> None:
+            for group in documents:
+                database["raw_insert"].insert_many([dict(doc) for doc in group], ordered=False)
+
+        def raw_upsert() -> None:
+            for group in documents:
+                operations = [
+                    UpdateOne(
+                        {"_id": doc["_id"]},
+                        {"$setOnInsert": {k: v for k, v in doc.items() if k != "_id"}},
+                        upsert=True,
+                    )
+                    for doc in group
+                ]
+                database["raw_upsert"].bulk_write(operations, ordered=False)
+
+        rows.append(timed("mongo", "raw insert_many", len(records), raw_insert))
+        rows.append(timed("mongo", "raw bulk_write upserts", len(records), raw_upsert))
+        meta = {"mongo_url": mongo_url(args.mongo_uri, database.name), "collection_name": "pump"}
+        pump = resolve_pump_class("mongo").create("mongo", meta, timeout_s=PUMP_TIMEOUT_S)
+        pump.open()
+        try:
+            rows.append(timed("mongo", "pump write()", len(records), pump_writes(pump, groups)))
+        finally:
+            pump.close()
+        if not args.skip_e2e:
+            entry = {
+                "type": "mongo",
+                "timeout": PUMP_TIMEOUT_S,
+                "meta": {**meta, "collection_name": "e2e"},
+            }
+            row = end_to_end(
+                args, "mongo", entry, records, lambda: database["e2e"].estimated_document_count()
+            )
+            if row is not None:
+                rows.append(row)
+    finally:
+        client.drop_database(database.name)
+        client.close()
+    return rows
+
+
+def bench_aggregate(args: argparse.Namespace, records: list[AnalyticsRecord]) -> list[Row]:
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        args.mongo_uri, serverSelectionTimeoutMS=5000
+    )
+    database = client[f"bench_{uuid.uuid4().hex[:8]}"]
+    groups = batches(records, args.batch_size)
+    meta = {"mongo_url": mongo_url(args.mongo_uri, database.name), "collection_name": "pump"}
+    rows = []
+    try:
+        pump = resolve_pump_class("mongo-aggregate").create(
+            "mongo-aggregate", meta, timeout_s=PUMP_TIMEOUT_S
+        )
+        # The same counter updates the pump makes (its own helpers, to be sure they are the
+        # same), upserted without the once-per-batch guard: the baseline shows what it costs.
+        assert isinstance(pump, MongoAggregatePump)
+        unguarded = []
+        for group in groups:
+            counters = pump._count(list(group), [])
+            operations = []
+            for query, change in pump._updates("raw", counters):
+                del change["$push"]
+                operations.append(UpdateOne({"_id": query["_id"]}, change, upsert=True))
+            unguarded.append(operations)
+
+        def raw_inc() -> None:
+            for operations in unguarded:
+                database["raw_inc"].bulk_write(operations, ordered=False)
+
+        rows.append(
+            timed("mongo-aggregate", "raw bulk_write $inc (no guard)", len(records), raw_inc)
+        )
+        pump.open()
+        try:
+            rows.append(
+                timed("mongo-aggregate", "pump write()", len(records), pump_writes(pump, groups))
+            )
+        finally:
+            pump.close()
+        if not args.skip_e2e:
+            entry = {
+                "type": "mongo-aggregate",
+                "timeout": PUMP_TIMEOUT_S,
+                "meta": {**meta, "collection_name": "e2e"},
+            }
+
+            def counted() -> int:
+                return sum(d["hits"] for d in database["e2e"].find({"dimension": "all"}))
+
+            row = end_to_end(args, "mongo-aggregate", entry, records, counted)
+            if row is not None:
+                rows.append(row)
+    finally:
+        client.drop_database(database.name)
+        client.close()
+    return rows
+
+
+def bench_elasticsearch(args: argparse.Namespace, records: list[AnalyticsRecord]) -> list[Row]:
+    es = Elasticsearch(args.es_url.split(","), request_timeout=PUMP_TIMEOUT_S)
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    groups = batches(records, args.batch_size)
+    rows = []
+    try:
+        bodies = []
+        for group in groups:
+            operations: list[dict[str, Any]] = []
+            for record in group:
+                operations += [
+                    {"index": {"_index": f"{name}-raw", "_id": record.id}},
+                    es_document(record),
+                ]
+            bodies.append(operations)
+
+        def raw_bulk() -> None:
+            for operations in bodies:
+                response = es.bulk(operations=operations, refresh=False)
+                if response["errors"]:
+                    raise RuntimeError("raw bulk had errors")
+
+        rows.append(timed("elasticsearch", "raw bulk", len(records), raw_bulk))
+        meta = {"elasticsearch_url": args.es_url, "index_name": f"{name}-pump"}
+        pump = resolve_pump_class("elasticsearch").create(
+            "elasticsearch", meta, timeout_s=PUMP_TIMEOUT_S
+        )
+        pump.open()
+        try:
+            rows.append(
+                timed("elasticsearch", "pump write()", len(records), pump_writes(pump, groups))
+            )
+        finally:
+            pump.close()
+        if not args.skip_e2e:
+            e2e_index = f"{name}-e2e"
+            entry = {
+                "type": "elasticsearch",
+                "timeout": PUMP_TIMEOUT_S,
+                "meta": {"elasticsearch_url": args.es_url, "index_name": e2e_index},
+            }
+
+            def indexed() -> int:
+                if not es.indices.exists(index=e2e_index):
+                    return 0
+                es.indices.refresh(index=e2e_index)
+                return int(es.count(index=e2e_index)["count"])
+
+            row = end_to_end(args, "elasticsearch", entry, records, indexed)
+            if row is not None:
+                rows.append(row)
+    finally:
+        for index in es.indices.get(index=f"{name}*").body:
+            es.indices.delete(index=index)
+        for template in (f"{name}-pump", f"{name}-e2e"):
+            if es.indices.exists_index_template(name=template):
+                es.indices.delete_index_template(name=template)
+        es.close()
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    baseline: dict[str, float] = {}
+    header = (
+        f"{'store':<16} {'method':<36} {'records':>8} {'seconds':>8} {'records/s':>10} "
+        f"{'vs raw':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        baseline.setdefault(row.store, row.rate)
+        ratio = row.rate / baseline[row.store]
+        print(
+            f"{row.store:<16} {row.method:<36} {row.records:>8} {row.seconds:>8.2f} "
+            f"{row.rate:>10.0f} {ratio:>6.2f}x"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=DEFAULT_RECORDS)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE_RECORDS)
+    parser.add_argument("--stores", default="mongo,mongo-aggregate,elasticsearch")
+    parser.add_argument(
+        "--mongo-uri", default=os.environ.get("MONGO_URI", "mongodb://127.0.0.1:27017")
+    )
+    parser.add_argument("--es-url", default=os.environ.get("ES_URL", "http://127.0.0.1:9200"))
+    parser.add_argument("--skip-e2e", action="store_true", help="no Celery end-to-end runs")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_WORKER_CONCURRENCY)
+    parser.add_argument("--e2e-timeout", type=float, default=DEFAULT_E2E_TIMEOUT_S)
+    parser.add_argument("--redis-host", default=os.environ.get("REDIS_HOST", "127.0.0.1"))
+    parser.add_argument("--redis-port", type=int, default=int(os.environ.get("REDIS_PORT", "6379")))
+    parser.add_argument("--redis-db", type=int, default=DEFAULT_REDIS_DB, help="flushed!")
+    args = parser.parse_args(argv)
+
+    records = make_records(args.records, args.batch_size)
+    benches = {
+        "mongo": bench_mongo,
+        "mongo-aggregate": bench_aggregate,
+        "elasticsearch": bench_elasticsearch,
+    }
+    rows: list[Row] = []
+    for store in args.stores.split(","):
+        print(f"... {store}", file=sys.stderr)
+        rows += benches[store](args, records)
+    print(
+        f"\n{args.records} records, batches of {args.batch_size}, "
+        f"MongoDB {args.mongo_uri}, Elasticsearch {args.es_url}\n"
+    )
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
