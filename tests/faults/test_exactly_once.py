@@ -123,6 +123,7 @@ def test_dead_letters_replayed_twice_are_stored_once(
         ),
     )
     procs.append(start_worker(config_path, tmp_path / "w2.log", name="w2"))
+    expected = {r.request for r in records}
     for round_ in (1, 2):
         result = subprocess.run(
             [
@@ -143,7 +144,6 @@ def test_dead_letters_replayed_twice_are_stored_once(
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert "replayed 8 entries" in result.stdout
-        expected = {r.request for r in records}
         assert wait_until(lambda: tally_mongo(mongo_db, expected)[0] == 0, 60)
         if round_ == 1:
             for entry in kept:
