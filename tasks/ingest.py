@@ -23,7 +23,7 @@ from app.codec import MalformedBatchError, Rejected, decode_envelope, encode_cle
 from app.redis_values import as_text
 from tasks.dead_letters import DeadLetterStore
 from tasks.names import INGEST_TASK, WRITE_TASK, pump_queue
-from tasks.retrying import backoff_s, retry_later
+from tasks.retrying import delivery_backoff_s, retry_later
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +46,7 @@ def ingest(self: Task, payload: bytes) -> dict[str, Any]:
         return _ingest(self, payload)
     except redis.RedisError as exc:
         logger.warning("ingest: Redis unavailable (%s); batch put back", exc)
-        settings = runtime.settings()
-        retry_later(
-            self,
-            exc,
-            countdown_s=backoff_s(
-                self.request.retries,
-                base_s=settings.delivery.retry_backoff_base_s,
-                max_s=settings.delivery.retry_backoff_max_s,
-            ),
-        )
+        retry_later(self, exc, countdown_s=delivery_backoff_s(self.request.retries))
 
 
 def _ingest(self: Task, payload: bytes) -> dict[str, Any]:

@@ -21,6 +21,16 @@ def backoff_s(retries: int, *, base_s: float, max_s: float) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
+def delivery_backoff_s(retries: int) -> float:
+    """The backoff before retry number ``retries + 1``, from the ``delivery:`` settings."""
+    from app.runtime import settings
+
+    delivery = settings().delivery
+    return backoff_s(
+        retries, base_s=delivery.retry_backoff_base_s, max_s=delivery.retry_backoff_max_s
+    )
+
+
 def retry_later(task: Task, exc: BaseException | None, *, countdown_s: float) -> NoReturn:
     """Retry ``task`` after ``countdown_s``; never lets the message be dropped."""
     try:

@@ -23,7 +23,7 @@ from pumps.errors import PumpConfigError, PumpPermanentError, PumpTemporaryError
 from pumps.pipeline import run_pipeline
 from tasks.dead_letters import DeadLetterStore
 from tasks.names import WRITE_TASK
-from tasks.retrying import backoff_s, retry_later
+from tasks.retrying import delivery_backoff_s, retry_later
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +67,7 @@ def write(self: Task, pump_name: str, payload: bytes) -> dict[str, Any]:
         return _write(self, pump_name, payload)
     except redis.RedisError as exc:
         logger.warning("pump %s: Redis unavailable (%s); batch put back", pump_name, exc)
-        settings = runtime.settings()
-        retry_later(
-            self,
-            exc,
-            countdown_s=backoff_s(
-                self.request.retries,
-                base_s=settings.delivery.retry_backoff_base_s,
-                max_s=settings.delivery.retry_backoff_max_s,
-            ),
-        )
+        retry_later(self, exc, countdown_s=delivery_backoff_s(self.request.retries))
 
 
 def _write(self: Task, pump_name: str, payload: bytes) -> dict[str, Any]:
@@ -163,11 +154,7 @@ def _retry_or_dead_letter(
             error,
         )
         return {"batch": batch_id, "written": 0, "dead_lettered": count}
-    countdown = backoff_s(
-        retries,
-        base_s=settings.delivery.retry_backoff_base_s,
-        max_s=settings.delivery.retry_backoff_max_s,
-    )
+    countdown = delivery_backoff_s(retries)
     logger.warning(
         "pump %s: batch %s attempt %d failed (%s); retrying in %.1fs",
         pump_name,
