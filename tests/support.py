@@ -163,7 +163,7 @@ def start_worker(
         args += ["-Q", queues]
     args += extra_args or []
     proc = Proc(args, env=env or celery_env(config_path), log=log, cwd=REPO)
-    proc.wait_for_output("ready.", timeout_s=60)
+    proc.wait_for_output("ready.", timeout_s=120)
     return proc
 
 

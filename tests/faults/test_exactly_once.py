@@ -67,7 +67,12 @@ def test_killed_worker_redelivery_stores_each_record_once(
     held = faults_db.hlen("unacked") if not broker else -1
     procs.append(start_worker(config, tmp_path / "p2.log", queues="pump.mongo", name="p2"))
     started = time.monotonic()
-    assert wait_until(lambda: tally_mongo(mongo_db, expected)[0] == 0, 150, interval_s=1)
+    assert wait_until(lambda: tally_mongo(mongo_db, expected)[0] == 0, 150, interval_s=1), (
+        f"store: {mongo_db['analytics'].count_documents({})} documents, "
+        f"missing {tally_mongo(mongo_db, expected)[0]}; dead letters: "
+        f"{faults_db.hlen('iam-pump:dead-letters:mongo')}; stats: "
+        f"{faults_db.hgetall('iam-pump:stats')}"
+    )
 
     def written() -> int:
         return int(faults_db.hget("iam-pump:stats", "written_records:mongo") or 0)

@@ -81,8 +81,9 @@ def test_whole_worker_killed_is_redelivered_within_two_minutes(
         ),
     )
     env = celery_env(config, **plugin_env)
-    records = make_records(role, 20_000)
-    report(records, config)  # 400 batches wait in the ingest queue
+    # 400 small batches for the ingest role (it is fast); 80 one-second writes for the pump role.
+    records = make_records(role, 20_000 if role == "ingest" else 4_000)
+    report(records, config)
     pump = start_worker(config, tmp_path / "pump.log", queues="pump.csv", name="pump", env=env)
     ingest = start_worker(
         config, tmp_path / "ingest.log", queues="ingest,purge", name="ingest", env=env
