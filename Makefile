@@ -39,5 +39,8 @@ lint: install
 test: install servers lint
 	$(BIN)/python -m pytest
 
+# Benchmarks (bench/README.md); wrk comes from Debian (apt-get install wrk).
 bench: install servers
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/run_all.py
