@@ -81,6 +81,33 @@ def csv_row(record: AnalyticsRecord) -> list[str]:
     ]
 
 
+def csv_text(records: Sequence[AnalyticsRecord]) -> str:
+    """The rows of a batch as CSV text (the same as :func:`csv_row` for each record).
+
+    Records of one batch nearly always share their expiry, so each distinct expiry is formatted
+    once per batch rather than once per record; the csv module (C) does the quoting.
+    """
+    expiry_text: dict[datetime | None, str] = {}
+    for record in records:
+        if record.expire_at not in expiry_text:
+            expiry_text[record.expire_at] = go_time_string(record.expire_at)
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(
+        (
+            r.timestamp,
+            r.username,
+            r.effect,
+            r.conclusion,
+            r.request,
+            r.policies,
+            r.deciders,
+            expiry_text[r.expire_at],
+        )
+        for r in records
+    )
+    return buffer.getvalue()
+
+
 class CSVPump(Pump):
     """Appends records to hourly CSV files under ``meta.csv_dir``."""
 
@@ -101,10 +128,7 @@ class CSVPump(Pump):
     def write(self, records: Sequence[AnalyticsRecord]) -> None:
         if not records:
             return
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerows(csv_row(record) for record in records)
-        data = buffer.getvalue().encode("utf-8")
+        data = csv_text(records).encode("utf-8")
         path = self.directory / hourly_file_name(time.localtime())
         try:
             self._ensure_file(path)

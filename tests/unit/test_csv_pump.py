@@ -103,3 +103,20 @@ def test_unwritable_directory_fails_the_health_check(tmp_path: Path) -> None:
     pump = CSVPump.create("csv", {"csv_dir": str(blocker / "sub")}, timeout_s=5)
     with pytest.raises(PumpTemporaryError):
         pump.open()
+
+
+def test_batch_text_matches_row_by_row_formatting() -> None:
+    import io
+
+    from pumps.csv import csv_row, csv_text
+
+    expiries = [datetime(2030, 1, 1, tzinfo=UTC), None, datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)]
+    records = [
+        AnalyticsRecord(
+            timestamp=i, username=f'u{i},"x"', request="a\nb", expire_at=expiries[i % 3]
+        )
+        for i in range(30)
+    ]
+    expected = io.StringIO()
+    csv.writer(expected, lineterminator="\n").writerows(csv_row(r) for r in records)
+    assert csv_text(records) == expected.getvalue()
