@@ -21,6 +21,7 @@ cut batches waiting or in flight.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import random
@@ -46,7 +47,7 @@ from app.config import (
 )
 from app.errors import ShipError
 from app.record import AnalyticsRecord
-from app.transports import CeleryTransport, RedisListTransport, Transport
+from app.transports import CeleryTransport, EncodeError, RedisListTransport, Transport
 
 __all__ = ["Analytics", "AnalyticsOptions", "AnalyticsRecord", "AnalyticsStats"]
 
@@ -143,6 +144,15 @@ class AnalyticsStats:
         return self.dropped_buffer_full + self.dropped_after_stop
 
 
+def _refuse_silently() -> bool:
+    return False
+
+
+def _count_of(counter: itertools.count[int]) -> int:
+    # The value of an itertools.count without advancing it: its repr is "count(N)".
+    return int(repr(counter)[6:-1])
+
+
 def _aware(value: Any) -> Any:
     if isinstance(value, datetime) and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -169,20 +179,25 @@ class Analytics:
         )
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        self._cutting = threading.Event()
         self._started = False
         self._stopped = False
         self._stopping = threading.Event()
         self._in_flight = 0
         self._shipped_records = 0
         self._shipped_batches = 0
-        self._dropped_full = 0
-        self._dropped_after_stop = 0
+        # Refusals are counted with itertools.count: next() is one atomic C call, so the refusing
+        # path stays as cheap as the accepting one and no count is lost between threads.
+        self._dropped_full = itertools.count()
+        self._dropped_after_stop = itertools.count()
         self._rejected = 0
         self._lost_at_stop = 0
         self._ship_failures = 0
         self._last_drop_warning = 0.0
-        self._drops_since_warning = 0
+        self._drops_warned = 0
+        # What record_hit does with a record it cannot take; stop() swaps it.
+        self._refuse: list[Callable[[], bool]] = [
+            self._refuse_full if options.enable else _refuse_silently
+        ]
         self.record_hit = self._make_record_hit()
 
     def _make_record_hit(self) -> Callable[[AnalyticsRecord], bool]:
@@ -195,31 +210,33 @@ class Analytics:
             if size() < limit[0]:
                 append(record)
                 return True
-            return refuse(record)
+            return refuse[0]()
 
         record_hit.__doc__ = "Accept one record (never blocks, no I/O); False if refused."
         return record_hit
 
-    def _refuse(self, record: AnalyticsRecord) -> bool:
-        if not self.options.enable:
-            return False
-        now = time.monotonic()
-        with self._lock:
-            if self._stopped or self._stopping.is_set():
-                self._dropped_after_stop += 1
-                return False
-            self._dropped_full += 1
-            self._drops_since_warning += 1
-            if now - self._last_drop_warning < DROP_WARNING_INTERVAL_S:
-                return False
-            count, self._drops_since_warning = self._drops_since_warning, 0
-            self._last_drop_warning = now
+    def _refuse_full(self) -> bool:
+        next(self._dropped_full)
+        return False
+
+    def _refuse_after_stop(self) -> bool:
+        next(self._dropped_after_stop)
+        return False
+
+    def _warn_about_drops(self, now: float) -> None:
+        """Log refused records at most once per DROP_WARNING_INTERVAL_S (called by the cutter)."""
+        if now - self._last_drop_warning < DROP_WARNING_INTERVAL_S:
+            return
+        dropped = _count_of(self._dropped_full)
+        if dropped == self._drops_warned:
+            return
         logger.warning(
             "analytics buffer full (%d records): %d record(s) dropped; is the broker reachable?",
             self.options.records_buffer_size,
-            count,
+            dropped - self._drops_warned,
         )
-        return False
+        self._drops_warned = dropped
+        self._last_drop_warning = now
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -258,6 +275,7 @@ class Analytics:
                 already = True
             else:
                 already = False
+                self._refuse[0] = self._refuse_after_stop
                 self._limit[0] = 0
                 self._stopping.set()
         if already:
@@ -317,8 +335,8 @@ class Analytics:
                 shipped_batches=self._shipped_batches,
                 buffered=len(self._buffer),
                 pending=self._in_flight,
-                dropped_buffer_full=self._dropped_full,
-                dropped_after_stop=self._dropped_after_stop,
+                dropped_buffer_full=_count_of(self._dropped_full),
+                dropped_after_stop=_count_of(self._dropped_after_stop),
                 rejected=self._rejected,
                 lost_at_stop=self._lost_at_stop,
                 ship_failures=self._ship_failures,
@@ -341,12 +359,19 @@ class Analytics:
                 last_cut = now
                 with self._lock:
                     self._in_flight += len(batch)
-                self._batches.put((uuid.uuid4().hex, batch))
+                item = (uuid.uuid4().hex, batch)
+                while True:  # the shippers may all be waiting for the broker
+                    try:
+                        self._batches.put(item, timeout=poll_s)
+                        break
+                    except queue.Full:
+                        self._warn_about_drops(time.monotonic())
                 continue
             if stopping:
                 break
             if not waiting:
                 last_cut = now
+            self._warn_about_drops(now)
             time.sleep(poll_s)
         for _ in range(self.options.pool_size + 1):
             self._batches.put(None)
@@ -358,7 +383,13 @@ class Analytics:
                 return
             batch_id, records = item
             rows = self._rows(records)
-            shipped = self._ship(batch_id, rows)
+            try:
+                shipped = self._ship(batch_id, rows)
+            except EncodeError:
+                # Rare: a record with a value msgpack cannot encode. Encoding is tried once per
+                # batch; only then is each record tried alone.
+                rows = self._encodable(rows, records)
+                shipped = self._ship(batch_id, rows)
             with self._lock:
                 self._in_flight -= len(records)
                 if shipped:
@@ -369,7 +400,7 @@ class Analytics:
                     self._lost_at_stop += len(records)
 
     def _rows(self, records: list[AnalyticsRecord]) -> list[list[Any]]:
-        """Rows ready to pack; a record that cannot be encoded is refused and logged."""
+        """Rows ready to pack, with the reporter's expiry and detail settings applied."""
         default_expiry = datetime.now(UTC) + timedelta(seconds=self.options.storage_expiration_s)
         detailed = self.options.enable_detailed_recording
         rows = [
@@ -385,21 +416,22 @@ class Analytics:
             ]
             for record in records
         ]
-        try:
-            msgpack.packb(rows, datetime=True)
-            return rows
-        except Exception:
-            good = []
-            for row, record in zip(rows, records, strict=True):
-                try:
-                    msgpack.packb(row, datetime=True)
-                except Exception as exc:
-                    logger.error(
-                        "analytics: record refused, it cannot be encoded: %s (%r)", exc, record
-                    )
-                    continue
-                good.append(row)
-            return good
+        return rows
+
+    @staticmethod
+    def _encodable(rows: list[list[Any]], records: list[AnalyticsRecord]) -> list[list[Any]]:
+        """The rows that msgpack can encode; each other record is refused and logged."""
+        good = []
+        for row, record in zip(rows, records, strict=True):
+            try:
+                msgpack.packb(row, datetime=True)
+            except Exception as exc:
+                logger.error(
+                    "analytics: record refused, it cannot be encoded: %s (%r)", exc, record
+                )
+                continue
+            good.append(row)
+        return good
 
     def _ship(self, batch_id: str, rows: list[list[Any]]) -> bool:
         """Ship until it works or stop's deadline passes; True when shipped."""

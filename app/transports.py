@@ -20,6 +20,10 @@ from app.codec import encode_envelope, encode_go_row
 from app.errors import ShipError
 from tasks.names import INGEST_QUEUE, INGEST_TASK
 
+#: What msgpack raises for a value it cannot encode; a transport lets these through, unwrapped,
+#: so the reporter can set the offending record aside.
+EncodeError = (TypeError, ValueError, OverflowError)
+
 #: How long one attempt to reach the broker may take before it counts as failed.
 BROKER_CONNECT_TIMEOUT_S = 2.0
 
@@ -48,10 +52,11 @@ class CeleryTransport:
         )
 
     def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None:
+        payload = encode_envelope(batch_id, rows)
         try:
             self._app.send_task(
                 INGEST_TASK,
-                args=(encode_envelope(batch_id, rows),),
+                args=(payload,),
                 queue=INGEST_QUEUE,
                 retry=False,
             )
@@ -74,8 +79,9 @@ class RedisListTransport:
         )
 
     def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None:
+        items = [encode_go_row(row) for row in rows]
         try:
-            self._redis.rpush(self._key, *(encode_go_row(row) for row in rows))
+            self._redis.rpush(self._key, *items)
         except redis.RedisError as exc:
             raise ShipError(f"Redis did not take batch {batch_id}: {exc}") from exc
 
@@ -85,6 +91,9 @@ class RedisListTransport:
 
 class MemoryTransport:
     """Keeps shipped batches in memory: the reporter's seam for tests and benchmarks.
+
+    It encodes each batch like the Celery transport (and so refuses what that one refuses), then
+    keeps the rows.
 
     ``down = True`` makes every ship fail, as if the broker were unreachable; ``delay_s`` makes
     each ship slow.
@@ -99,6 +108,7 @@ class MemoryTransport:
         self._lock = threading.Lock()
 
     def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None:
+        encode_envelope(batch_id, rows)  # as the Celery transport does; raises EncodeError
         with self._lock:
             self.attempts += 1
             down = self.down

@@ -199,3 +199,22 @@ def test_options_come_from_the_yaml_file(tmp_path: object) -> None:
 def test_invalid_options_are_refused() -> None:
     with pytest.raises(ValueError, match="pool_size"):
         AnalyticsOptions(pool_size=0)
+
+
+def test_refusals_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    transport = MemoryTransport()
+    transport.down = True
+    analytics = reporter(transport, records_buffer_size=10, pool_size=1)
+    with caplog.at_level("WARNING", logger="app.analytics"):
+        analytics.start()
+        for _ in range(1000):
+            analytics.record_hit(AnalyticsRecord())
+        assert wait_until(lambda: "buffer full" in caplog.text, 2, interval_s=0.01)
+        time.sleep(0.2)
+        for _ in range(1000):
+            analytics.record_hit(AnalyticsRecord())
+        time.sleep(0.2)
+    warnings = [r for r in caplog.records if "buffer full" in r.getMessage()]
+    assert len(warnings) == 1
+    transport.down = False
+    analytics.stop()
