@@ -1,0 +1,297 @@
+"""Benchmark 3: end to end into CSV, sustained, against a naive one-task-per-record design.
+
+    .venv/bin/python bench/e2e_csv.py [--duration 60] [--batches 5000,2000,1000,500]
+                                      [--concurrency 2] [--naive-records 5000] [--quick]
+
+For each batch size: a real ``celery -A app worker -c <concurrency>`` (ingest and pump.csv
+queues, Redis database 12, CSV files in a temporary folder) and a reporter process
+(bench/producer.py) calling ``record_hit`` flat out for ``--duration`` seconds, with
+``pool-size: 4`` and ``records-buffer-size: 4 x batch``. Rows are counted when they are in the
+files; the sustained rate is the on-disk rate between the end of the warm-up and the end of the
+producing window. Afterwards the bench waits for the backlog to drain and checks that every
+accepted record is on disk (at-least-once: duplicates would show as more rows).
+
+Naive design (bench/naive_app.py): ``--naive-records`` single-record tasks are queued first, then
+a worker with the same concurrency drains them; its rate is (rows - 1) / (last row - first row).
+
+Targets: sustained >= 50,000 records/s, and >= 100x the naive design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+from dataclasses import dataclass
+
+from benchlib import (
+    BENCH_REDIS_URL,
+    INTERFERENCE,
+    CsvCounter,
+    Row,
+    Session,
+    bench_config,
+    bench_redis,
+    db_untouched,
+    flush_bench_db,
+    fmt_rate,
+    fmt_ratio,
+    make_record,
+    miss,
+    print_table,
+    read_json,
+    save_rows,
+    session,
+    write_config,
+)
+
+from tasks.names import INGEST_QUEUE, pump_queue
+
+TITLE = "3. end to end into CSV"
+RATE_TARGET = 50_000.0
+NAIVE_RATIO_TARGET = 100.0
+POOL_SIZE = 4
+DRAIN_TIMEOUT_S = 300.0
+SAMPLE_EVERY_S = 1.0
+BACKLOG_POLL_S = 0.1
+#: The reporter process is paused (SIGSTOP) while more records than this wait in Redis.
+MAX_BACKLOG_RECORDS = 200_000
+#: Stop waiting for the backlog when no row has arrived for this long.
+STALL_TIMEOUT_S = 30.0
+
+
+@dataclass
+class E2EResult:
+    """One batch-size run."""
+
+    batch: int
+    sustained: float
+    accepted: int
+    on_disk_at_end: int
+    final_rows: int
+    drain_s: float
+    producer_rate: float
+    paused_s: float
+    untouched: bool
+    samples: list[tuple[float, int]]
+
+    @property
+    def lost(self) -> int:
+        return max(0, self.accepted - self.final_rows)
+
+
+def run_pipeline(
+    current: Session, batch: int, concurrency: int, duration_s: float, warmup_s: float
+) -> E2EResult:
+    flush_bench_db()
+    tmp = current.tmp / f"batch-{batch}"
+    tmp.mkdir()
+    analytics = {"pool-size": POOL_SIZE, "records-buffer-size": POOL_SIZE * batch}
+    config = write_config(tmp / "config.yaml", bench_config(tmp, analytics=analytics))
+    worker = current.worker(config, concurrency=concurrency, name=f"e2e{batch}")
+    counter = CsvCounter(tmp / "csv")
+    out = tmp / "producer.json"
+    producer = current.producer(
+        "--config",
+        str(config),
+        "--duration",
+        str(duration_s),
+        "--out",
+        str(out),
+        log_name=f"producer-{batch}.log",
+    )
+    start = time.monotonic()
+    samples: list[tuple[float, int]] = []
+    client = bench_redis()
+    paused = False
+    paused_s = paused_at = 0.0
+    next_sample = start
+    while producer.popen.poll() is None:
+        now = time.monotonic()
+        if now >= next_sample:
+            samples.append((now - start, counter.count()))
+            next_sample += SAMPLE_EVERY_S
+        # Keep the backlog in Redis bounded: pause the reporter process while it is too long.
+        backlog = batch * sum(int(client.llen(q)) for q in (INGEST_QUEUE, pump_queue("csv")))
+        if not paused and backlog > MAX_BACKLOG_RECORDS:
+            producer.popen.send_signal(signal.SIGSTOP)
+            paused, paused_at = True, now
+        elif paused and backlog < MAX_BACKLOG_RECORDS // 2:
+            producer.popen.send_signal(signal.SIGCONT)
+            paused = False
+            paused_s += now - paused_at
+        time.sleep(BACKLOG_POLL_S)
+        if paused and time.monotonic() - start > duration_s + 5:
+            producer.popen.send_signal(signal.SIGCONT)
+            paused = False
+    client.close()
+    rows_at_exit = counter.count()
+    result = read_json(out)
+    accepted = int(result["stats"]["shipped_records"])
+    window = [(t, n) for t, n in samples if warmup_s <= t <= duration_s]
+    if len(window) >= 2:
+        sustained = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+    else:
+        sustained = float("nan")
+    drain_start = time.monotonic()
+    final = counter.count()
+    progress = (drain_start, final)
+    while final < accepted and time.monotonic() - drain_start < DRAIN_TIMEOUT_S:
+        time.sleep(0.5)
+        final = counter.count()
+        if final != progress[1]:
+            progress = (time.monotonic(), final)
+        elif time.monotonic() - progress[0] > STALL_TIMEOUT_S:
+            break
+    drain_s = time.monotonic() - drain_start
+    untouched = db_untouched()
+    current.stop(producer)
+    current.stop(worker)
+    return E2EResult(
+        batch=batch,
+        sustained=sustained,
+        accepted=accepted,
+        on_disk_at_end=rows_at_exit,
+        final_rows=final,
+        drain_s=drain_s,
+        producer_rate=accepted / max(result["offered_s"], 1e-9),
+        paused_s=paused_s,
+        untouched=untouched,
+        samples=samples,
+    )
+
+
+def run_naive(current: Session, records: int, concurrency: int) -> float:
+    """Records/s of the one-task-per-record design, measured on disk."""
+    import naive_app  # the bench-only Celery app (its import needs no broker)
+
+    flush_bench_db()
+    tmp = current.tmp / "naive"
+    csv_dir = tmp / "csv"
+    tmp.mkdir()
+    for index in range(records):
+        naive_app.app.send_task(
+            naive_app.NAIVE_TASK,
+            args=(naive_app.row_of(make_record(index)),),
+            queue=naive_app.NAIVE_QUEUE,
+        )
+    naive_app.app.close()
+    counter = CsvCounter(csv_dir)
+    first: tuple[float, int] | None = None
+    env = {"BENCH_CSV_DIR": str(csv_dir), "BENCH_BROKER_URL": BENCH_REDIS_URL}
+    proc = current.start(
+        [
+            *_celery("naive_app"),
+            "-Q",
+            naive_app.NAIVE_QUEUE,
+            "-c",
+            str(concurrency),
+            "-n",
+            "naive@%h",
+        ],
+        log_name="worker-naive.log",
+        env=env,
+    )
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    count = 0
+    last = (0.0, 0)
+    while count < records and time.monotonic() < deadline:
+        count = counter.count()
+        now = time.monotonic()
+        if first is None and count > 0:
+            first = (now, count)
+        if count != last[1]:
+            last = (now, count)
+        time.sleep(0.05)
+    current.stop(proc)
+    if first is None or last[0] <= first[0]:
+        return float("nan")
+    return (last[1] - first[1]) / (last[0] - first[0])
+
+
+def _celery(app: str) -> list[str]:
+    from benchlib import PYTHON
+
+    return [
+        PYTHON,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "-l",
+        "info",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=60.0, help="producing seconds per case")
+    parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--batches", default="5000,2000,1000,500")
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--naive-records", type=int, default=5000)
+    parser.add_argument("--quick", action="store_true", help="15 s per case, 3 s warm-up")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--save", help="append the rows as JSON to this file (run_all.py)")
+    args = parser.parse_args(argv)
+    duration_s, warmup_s = (15.0, 3.0) if args.quick else (args.duration, args.warmup)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    results: list[E2EResult] = []
+    with session("e2e", keep=args.keep) as current:
+        for batch in batches:
+            results.append(run_pipeline(current, batch, args.concurrency, duration_s, warmup_s))
+            print(f"  batch {batch}: {fmt_rate(results[-1].sustained)} sustained", flush=True)
+        naive = run_naive(current, args.naive_records, args.concurrency)
+    flush_bench_db()
+    best = max(results, key=lambda r: r.sustained)
+    rows: list[Row] = []
+    for r in results:
+        backlog = r.accepted - r.on_disk_at_end
+        rows.append(
+            Row(
+                f"batch {r.batch} (pool {POOL_SIZE}, -c {args.concurrency}): sustained on disk",
+                fmt_rate(r.sustained),
+                target=f">= {fmt_rate(RATE_TARGET)}",
+                met=r.sustained >= RATE_TARGET,
+                note=miss(r.sustained, RATE_TARGET, higher_is_better=True)
+                + f" [{duration_s:.0f} s, warm-up {warmup_s:.0f} s; reporter shipped "
+                f"{fmt_rate(r.producer_rate)}, paused {r.paused_s:.0f} s to keep <= "
+                f"{MAX_BACKLOG_RECORDS:,} records waiting; backlog when it exited "
+                f"{backlog:,} records, drained in {r.drain_s:.1f} s; {r.final_rows:,} rows for "
+                f"{r.accepted:,} accepted]",
+            )
+        )
+        rows.append(
+            Row(
+                f"batch {r.batch}: records lost",
+                f"{r.lost:,}",
+                target="0",
+                met=r.lost == 0,
+            )
+        )
+    ratio = best.sustained / naive
+    rows.append(
+        Row(
+            f"best (batch {best.batch}) vs naive 1 task/record",
+            fmt_rate(best.sustained),
+            f"naive {fmt_rate(naive)}",
+            fmt_ratio(ratio),
+            f">= {NAIVE_RATIO_TARGET:.0f}x",
+            ratio >= NAIVE_RATIO_TARGET,
+            miss(ratio, NAIVE_RATIO_TARGET, higher_is_better=True)
+            + f" [naive: {args.naive_records:,} records, -c {args.concurrency}]",
+        )
+    )
+    if not all(r.untouched for r in results):
+        rows.append(INTERFERENCE)
+    print_table(TITLE, rows)
+    save_rows(args.save, TITLE, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
