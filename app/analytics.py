@@ -15,8 +15,8 @@ to iam's Redis list). A batch that cannot be shipped is retried with backoff; wh
 away the buffer fills, and records past its bound are refused, counted and logged (rate-limited),
 never silently lost. ``stop()`` ships everything accepted before it, and is safe to call twice.
 
-Memory is bounded: ``records-buffer-size`` records in the buffer plus at most ``2 * pool-size``
-cut batches waiting or in flight.
+Memory is bounded: the reporter holds at most ``records-buffer-size`` records in all, buffered,
+cut into batches waiting for a shipper, or being shipped.
 """
 
 from __future__ import annotations
@@ -223,6 +223,12 @@ class Analytics:
         next(self._dropped_after_stop)
         return False
 
+    def _bound_buffer(self) -> None:
+        # Called under the lock whenever records are cut or shipped: what the buffer may hold is
+        # what the bound leaves after the batches in flight. stop() has set it to 0 for good.
+        if not self._stopping.is_set():
+            self._limit[0] = max(0, self.options.records_buffer_size - self._in_flight)
+
     def _warn_about_drops(self, now: float) -> None:
         """Log refused records at most once per DROP_WARNING_INTERVAL_S (called by the cutter)."""
         if now - self._last_drop_warning < DROP_WARNING_INTERVAL_S:
@@ -359,6 +365,7 @@ class Analytics:
                 last_cut = now
                 with self._lock:
                     self._in_flight += len(batch)
+                    self._bound_buffer()
                 item = (uuid.uuid4().hex, batch)
                 while True:  # the shippers may all be waiting for the broker
                     try:
@@ -392,6 +399,7 @@ class Analytics:
                 shipped = self._ship(batch_id, rows)
             with self._lock:
                 self._in_flight -= len(records)
+                self._bound_buffer()
                 if shipped:
                     self._shipped_records += len(rows)
                     self._shipped_batches += 1

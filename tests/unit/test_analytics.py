@@ -218,3 +218,19 @@ def test_refusals_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture)
     assert len(warnings) == 1
     transport.down = False
     analytics.stop()
+
+
+def test_records_held_never_exceed_the_bound_while_the_broker_is_away() -> None:
+    transport = MemoryTransport()
+    transport.down = True
+    analytics = reporter(transport, records_buffer_size=1000, pool_size=4, flush_interval_ms=10)
+    analytics.start()
+    accepted = 0
+    for _ in range(20):
+        accepted += sum(analytics.record_hit(AnalyticsRecord()) for _ in range(500))
+        time.sleep(0.02)
+        stats = analytics.stats()
+        assert stats.buffered + stats.pending <= 1000
+    assert accepted <= 1000
+    transport.down = False
+    assert analytics.stop().shipped_records == accepted
