@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.stores import es_url, mongo_db, mongo_uri
 from tests.support import IN_CI, REDIS_HOST, REDIS_PORT, TEST_REDIS_DB, Proc, port_open
+
+__all__ = ["es_url", "mongo_db", "mongo_uri", "require"]  # fixtures for every test module
 
 
 def require(available: bool, what: str) -> None:

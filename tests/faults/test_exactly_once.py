@@ -18,11 +18,10 @@ from app.config import parse_settings
 from tasks.dead_letters import DeadLetterStore
 from tests.faults.conftest import fault_config
 from tests.faults.helpers import make_records, report
-from tests.integration.test_stores_e2e import _mongo_url, mongo_db, mongo_uri
+from tests.stores import mongo_url_for
 from tests.support import REPO, Proc, free_port, start_worker, wait_until, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-__all__ = ["mongo_db", "mongo_uri"]  # fixtures
 
 
 def mongo_pump(url: str, **extra: Any) -> dict[str, Any]:
@@ -51,7 +50,7 @@ def test_killed_worker_redelivery_stores_each_record_once(
         fault_config(
             tmp_path,
             broker,
-            pumps={"mongo": mongo_pump(_mongo_url(mongo_db.name))},
+            pumps={"mongo": mongo_pump(mongo_url_for(mongo_db.name))},
             analytics={"records-buffer-size": 200, "pool-size": 4},
         ),
     )
@@ -124,7 +123,7 @@ def test_dead_letters_replayed_twice_are_stored_once(
         fault_config(
             tmp_path,
             "",
-            pumps={"mongo": mongo_pump(_mongo_url(mongo_db.name))},
+            pumps={"mongo": mongo_pump(mongo_url_for(mongo_db.name))},
         ),
     )
     procs.append(start_worker(config_path, tmp_path / "w2.log", name="w2"))

@@ -9,7 +9,6 @@ the test uses its own database and index and removes them afterwards.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections import Counter
@@ -17,9 +16,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import pymongo
 import pytest
 import redis
 from elasticsearch import Elasticsearch
@@ -27,11 +24,10 @@ from pymongo.database import Database
 
 from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
 from app.codec import encode_go_record
-from tests.conftest import require
+from tests.stores import ES_URL, mongo_url_for
 from tests.support import (
     Proc,
     base_config,
-    port_open,
     start_beat,
     start_worker,
     wait_until,
@@ -40,53 +36,11 @@ from tests.support import (
 
 pytestmark = pytest.mark.integration
 
-MONGO_URI = os.environ.get("MONGO_URI", "mongodb://127.0.0.1:27017")
-ES_URL = os.environ.get("ES_URL", "http://127.0.0.1:9200")
 EXPIRE_AT = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 GO_RECORDS = 3000
 PYTHON_RECORDS = 3000
 DELIVERY_TIMEOUT_S = 120
 PUMP_TIMEOUT_S = 10
-
-
-def _mongo_address() -> tuple[str, int]:
-    first = urlsplit(MONGO_URI).netloc.rpartition("@")[2].split(",")[0]
-    host, _, port = first.rpartition(":") if ":" in first else (first, "", "27017")
-    return host, int(port)
-
-
-def _mongo_url(database: str) -> str:
-    parts = urlsplit(MONGO_URI)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, ""))
-
-
-@pytest.fixture
-def mongo_uri() -> str:
-    """The MongoDB server's URI (skips locally, fails in CI, when it does not answer)."""
-    require(port_open(*_mongo_address()), f"MongoDB at {MONGO_URI}")
-    return MONGO_URI
-
-
-@pytest.fixture
-def mongo_db(mongo_uri: str) -> Iterator[Database[dict[str, Any]]]:
-    """A database of this test's own, dropped afterwards."""
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        mongo_uri, serverSelectionTimeoutMS=5000, tz_aware=True
-    )
-    database = client[f"e2e_{uuid.uuid4().hex[:12]}"]
-    try:
-        yield database
-    finally:
-        client.drop_database(database.name)
-        client.close()
-
-
-@pytest.fixture
-def es_url() -> str:
-    """The Elasticsearch URL (skips locally, fails in CI, when it does not answer)."""
-    parts = urlsplit(ES_URL.split(",")[0])
-    require(port_open(parts.hostname or "127.0.0.1", parts.port or 9200), f"ES at {ES_URL}")
-    return ES_URL
 
 
 @pytest.fixture
@@ -155,7 +109,7 @@ def test_go_and_reporter_records_reach_mongo_aggregates_and_elasticsearch_once(
     es, index = es_index
     run = uuid.uuid4().hex[:8]
     list_key = f"test-{run}"
-    mongo_url = _mongo_url(mongo_db.name)
+    mongo_url = mongo_url_for(mongo_db.name)
     pumps = {
         "mongo": {
             "type": "mongo",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import socket
 import sys
 import threading
@@ -22,9 +21,7 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
-import pymongo
 import pytest
 from elastic_transport import ApiResponseMeta, HttpHeaders, NodeConfig
 from elasticsearch import ApiError, Elasticsearch
@@ -44,11 +41,9 @@ from pumps.mongo import MongoPump
 from pumps.mongo_aggregate import MongoAggregatePump, request_resource
 from pumps.pipeline import run_pipeline, size_limit
 from pumps.registry import resolve_pump_class
-from tests.conftest import require
-from tests.support import free_port, port_open, read_csv_rows
+from tests.stores import MONGO_URI, es_address, mongo_address, mongo_url_for
+from tests.support import free_port, read_csv_rows
 
-MONGO_URI = os.environ.get("MONGO_URI", "mongodb://127.0.0.1:27017")
-ES_URL = os.environ.get("ES_URL", "http://127.0.0.1:9200")
 P = TypeVar("P", bound=Pump)
 
 #: A fixed time (2026-11-24 06:00 UTC) so buckets and daily indices are known in advance.
@@ -91,53 +86,6 @@ def copies(records: Sequence[AnalyticsRecord]) -> list[AnalyticsRecord]:
 
 
 # -- servers -------------------------------------------------------------------------------
-
-
-def mongo_address(uri: str) -> tuple[str, int]:
-    """The first host of a MongoDB URI."""
-    first = urlsplit(uri).netloc.rpartition("@")[2].split(",")[0]
-    host, _, port = first.rpartition(":") if ":" in first else (first, "", "27017")
-    return host, int(port)
-
-
-def mongo_url_for(database: str, *, base: str = MONGO_URI, port: int | None = None) -> str:
-    """``base`` with its database (and, if given, its port on 127.0.0.1) replaced."""
-    parts = urlsplit(base)
-    netloc = parts.netloc if port is None else f"127.0.0.1:{port}"
-    return urlunsplit((parts.scheme, netloc, f"/{database}", parts.query, ""))
-
-
-def es_address(url: str) -> tuple[str, int]:
-    parts = urlsplit(url.split(",")[0])
-    return parts.hostname or "127.0.0.1", parts.port or 9200
-
-
-@pytest.fixture
-def mongo_uri() -> str:
-    """The MongoDB server's URI (skips locally, fails in CI, when it does not answer)."""
-    require(port_open(*mongo_address(MONGO_URI)), f"MongoDB at {MONGO_URI}")
-    return MONGO_URI
-
-
-@pytest.fixture
-def mongo_db(mongo_uri: str) -> Iterator[Database[dict[str, Any]]]:
-    """A database of this test's own, dropped afterwards."""
-    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
-        mongo_uri, serverSelectionTimeoutMS=5000, tz_aware=True
-    )
-    database = client[f"test_{uuid.uuid4().hex[:12]}"]
-    try:
-        yield database
-    finally:
-        client.drop_database(database.name)
-        client.close()
-
-
-@pytest.fixture
-def es_url() -> str:
-    """The Elasticsearch URL (skips locally, fails in CI, when it does not answer)."""
-    require(port_open(*es_address(ES_URL)), f"Elasticsearch at {ES_URL}")
-    return ES_URL
 
 
 @pytest.fixture
