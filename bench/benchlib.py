@@ -152,33 +152,8 @@ def bench_redis() -> redis.Redis:
     return redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BENCH_REDIS_DB)
 
 
-def other_db_users() -> list[str]:
-    """Command lines of other benchmark processes that flush database 12 (bench_stores.py)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                args = handle.read().split(b"\0")
-            if any(arg.endswith(b"bench_stores.py") for arg in args):
-                found.append(b" ".join(args).decode(errors="replace"))
-    return found
-
-
-def flush_bench_db(*, wait_for_others_s: float = 1800.0) -> None:
-    """Empty database 12 (only that one), once no other benchmark is using it.
-
-    bench/bench_stores.py owns the same database while it runs and flushes it: running both at
-    once would lose each other's queued tasks.
-    """
-    deadline = time.monotonic() + wait_for_others_s
-    others = other_db_users()
-    if others:
-        print(f"(waiting for {others[0][:80]} to finish: it uses database 12 too)", flush=True)
-    while others and time.monotonic() < deadline:
-        time.sleep(2)
-        others = other_db_users()
+def flush_bench_db() -> None:
+    """Empty database 12 (only that one) and mark it as ours (see :func:`db_untouched`)."""
     client = bench_redis()
     try:
         client.flushdb()
@@ -201,7 +176,7 @@ INTERFERENCE = Row(
     "database 12 untouched during the run",
     "NO",
     met=False,
-    note="another process flushed Redis database 12 while this ran (bench_stores.py?): "
+    note="another process flushed Redis database 12 while this ran: "
     "queued records were lost and the numbers above are not valid; run again",
 )
 

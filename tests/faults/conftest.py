@@ -79,6 +79,19 @@ def fault_config(tmp_path: Path, broker_url: str, **overrides: Any) -> dict[str,
     return config
 
 
+def slow_csv_config(
+    tmp_path: Path, broker_url: str, *, delay_s: float, **overrides: Any
+) -> tuple[Path, Path]:
+    """A config file with one ``slowcsv`` pump named csv; returns (config path, csv folder)."""
+    from tests.support import write_config
+
+    csv_dir = tmp_path / "csv"
+    overrides.setdefault("analytics", {"records-buffer-size": 2000, "pool-size": 4})
+    pump = {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": delay_s}}
+    config = fault_config(tmp_path, broker_url, pumps={"csv": pump}, **overrides)
+    return write_config(tmp_path / "c.yaml", config), csv_dir
+
+
 def tally(rows: list[dict[str, str]], expected: set[str]) -> tuple[set[str], int]:
     """(lost requests, duplicate count) of the CSV rows against the expected requests."""
     seen: dict[str, int] = {}

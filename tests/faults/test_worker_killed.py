@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.faults.conftest import fault_config
+from tests.faults.conftest import fault_config, slow_csv_config
 from tests.faults.helpers import await_delivery, make_records, report, requests_in
 from tests.support import Proc, celery_env, start_worker, wait_until, write_config
 
@@ -31,16 +31,7 @@ def test_pool_process_killed_mid_write_is_requeued_at_once(
     procs: list[Proc],
     plugin_env: dict[str, str],
 ) -> None:
-    csv_dir = tmp_path / "csv"
-    config = write_config(
-        tmp_path / "c.yaml",
-        fault_config(
-            tmp_path,
-            broker,
-            pumps={"csv": {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": 1.0}}},
-            analytics={"records-buffer-size": 2000, "pool-size": 4},
-        ),
-    )
+    config, csv_dir = slow_csv_config(tmp_path, broker, delay_s=1.0)
     worker = start_worker(config, tmp_path / "w.log", env=celery_env(config, **plugin_env))
     procs.append(worker)
     records = make_records("child", 6000)

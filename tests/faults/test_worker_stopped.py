@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.faults.conftest import fault_config
+from tests.faults.conftest import slow_csv_config
 from tests.faults.helpers import await_delivery, make_records, report, requests_in
-from tests.support import Proc, celery_env, start_worker, wait_until, write_config
+from tests.support import Proc, celery_env, start_worker, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -32,20 +32,15 @@ def test_sigterm_then_sigkill_after_grace_requeues_at_once(
     procs: list[Proc],
     plugin_env: dict[str, str],
 ) -> None:
-    csv_dir = tmp_path / "csv"
-    config = write_config(
-        tmp_path / "c.yaml",
-        fault_config(
-            tmp_path,
-            broker,
-            pumps={"csv": {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": 4.0}}},
-            analytics={"records-buffer-size": 2000, "pool-size": 4},
-            delivery={
-                "retry-backoff-base-s": 0.2,
-                "retry-backoff-max-s": 2,
-                "soft-shutdown-timeout-s": SOFT_SHUTDOWN_S,
-            },
-        ),
+    config, csv_dir = slow_csv_config(
+        tmp_path,
+        broker,
+        delay_s=4.0,
+        delivery={
+            "retry-backoff-base-s": 0.2,
+            "retry-backoff-max-s": 2,
+            "soft-shutdown-timeout-s": SOFT_SHUTDOWN_S,
+        },
     )
     env = celery_env(config, **plugin_env)
     worker = start_worker(config, tmp_path / "w1.log", env=env)
@@ -83,16 +78,11 @@ def test_plain_sigterm_finishes_running_writes_and_requeues_the_rest(
     procs: list[Proc],
     plugin_env: dict[str, str],
 ) -> None:
-    csv_dir = tmp_path / "csv"
-    config = write_config(
-        tmp_path / "c.yaml",
-        fault_config(
-            tmp_path,
-            broker,
-            pumps={"csv": {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": 0.5}}},
-            analytics={"records-buffer-size": 2000, "pool-size": 4},
-            delivery={"soft-shutdown-timeout-s": 3.0},
-        ),
+    config, csv_dir = slow_csv_config(
+        tmp_path,
+        broker,
+        delay_s=0.5,
+        delivery={"soft-shutdown-timeout-s": 3.0},
     )
     env = celery_env(config, **plugin_env)
     worker = start_worker(config, tmp_path / "w1.log", env=env)
