@@ -288,6 +288,15 @@ class Settings(_Model):
         return self.broker_url or self.redis.url
 
     @property
+    def batches_in_redis(self) -> bool:
+        """Whether clean batches are kept once in Redis and write tasks carry only their id.
+
+        Only when the broker is the ``redis:`` server itself: a batch must live where its tasks
+        live (see tasks/batches.py).
+        """
+        return self.broker_url is None or self.broker_url == self.redis.url
+
+    @property
     def enabled_pumps(self) -> dict[str, PumpEntryConfig]:
         """The pumps that receive batches."""
         return {name: entry for name, entry in self.pumps.items() if entry.enabled}

@@ -1,7 +1,8 @@
 """The ingest task: validate a batch once, set bad records aside, fan out to every pump.
 
-Runs on queue ``ingest``. Each enabled pump gets one write task on its own queue ``pump.<name>``,
-carrying the same clean batch bytes. Which pumps already have the batch is remembered in Redis
+Runs on queue ``ingest``. Each enabled pump gets one write task on its own queue ``pump.<name>``
+for the same clean batch (its bytes, or with the Redis broker the id of the batch kept once in
+Redis: tasks/batches.py). Which pumps already have the batch is remembered in Redis
 (``<prefix>:ingest:<batch id>``), so a redelivered ingest (worker killed mid fan-out, or the purge
 enqueuing a chunk twice) sends only what is missing. Two copies of one batch never fan out at the
 same time: the fan-out holds a short per-batch lock, and a copy that finds it taken comes back a
@@ -21,6 +22,7 @@ from app import runtime
 from app.celery_app import app
 from app.codec import MalformedBatchError, Rejected, decode_envelope, encode_clean_batch
 from app.redis_values import as_text
+from tasks.batches import BatchStore
 from tasks.dead_letters import DeadLetterStore
 from tasks.names import INGEST_TASK, WRITE_TASK, pump_queue
 from tasks.retrying import delivery_backoff_s, retry_later
@@ -94,18 +96,28 @@ def _fan_out_once(task: Task, batch_id: str, clean: bytes) -> list[str]:
 
 
 def fan_out(batch_id: str, clean: bytes) -> list[str]:
-    """Send the clean batch to each enabled pump that does not have it yet; return those sent."""
+    """Send the clean batch to each enabled pump that does not have it yet; return those sent.
+
+    With the Redis broker the batch is kept once (tasks/batches.py) and each write task names
+    it; otherwise each write task carries the bytes.
+    """
     settings = runtime.settings()
     client = runtime.redis_client()
     sent_key = settings.key("ingest", batch_id)
     already = {as_text(name) for name in client.hkeys(sent_key)}
+    missing = {name: entry for name, entry in settings.enabled_pumps.items() if name not in already}
+    if not missing:
+        return []
+    by_id = settings.batches_in_redis
+    if by_id:
+        # Kept before any task names it; a copy redelivered mid fan-out keeps it again.
+        BatchStore(client, settings).hold(batch_id, clean, list(missing))
     sent = []
-    for name, entry in settings.enabled_pumps.items():
-        if name in already:
-            continue
+    for name, entry in missing.items():
         app.send_task(
             WRITE_TASK,
-            args=(name, clean),
+            args=(name,) if by_id else (name, clean),
+            kwargs={"stored": batch_id} if by_id else None,
             queue=pump_queue(name),
             soft_time_limit=entry.timeout_s,
             time_limit=entry.hard_time_limit_s,

@@ -21,6 +21,7 @@ from app.celery_app import app
 from app.codec import decode_clean_batch
 from pumps.errors import PumpConfigError, PumpPermanentError, PumpTemporaryError
 from pumps.pipeline import run_pipeline
+from tasks.batches import BatchStore
 from tasks.dead_letters import DeadLetterStore
 from tasks.names import WRITE_TASK
 from tasks.retrying import delivery_backoff_s, retry_later
@@ -38,10 +39,16 @@ class WriteTask(Task):  # type: ignore[misc]
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
-        if not isinstance(exc, TimeLimitExceeded) or len(args) != 2:
+        if not isinstance(exc, TimeLimitExceeded) or not args:
             return
-        pump_name, payload = args
+        pump_name = args[0]
+        stored = (kwargs or {}).get("stored")
         try:
+            payload = args[1] if len(args) > 1 else kwargs.get("payload")
+            if payload is None and stored is not None:
+                payload = _batches().fetch(stored)
+            if payload is None:
+                return  # another copy of this task finished the batch
             batch_id, records = decode_clean_batch(payload)
             DeadLetterStore(runtime.redis_client(), runtime.settings()).put_batch(
                 pump_name,
@@ -51,6 +58,8 @@ class WriteTask(Task):  # type: ignore[misc]
                 record_count=len(records),
                 error=f"write killed by the hard time limit ({exc})",
             )
+            if stored is not None:
+                _batches().release(stored, pump_name)
         except Exception:
             logger.critical(
                 "pump %s: task %s hit its hard time limit and could not be dead-lettered",
@@ -60,11 +69,32 @@ class WriteTask(Task):  # type: ignore[misc]
             )
 
 
+def _batches() -> BatchStore:
+    return BatchStore(runtime.redis_client(), runtime.settings())
+
+
 @app.task(name=WRITE_TASK, base=WriteTask, bind=True, acks_late=True, max_retries=None)
-def write(self: Task, pump_name: str, payload: bytes) -> dict[str, Any]:
-    """Write a clean batch with pump ``pump_name``; Redis trouble puts it back for later."""
+def write(
+    self: Task, pump_name: str, payload: bytes | None = None, stored: str | None = None
+) -> dict[str, Any]:
+    """Write a clean batch with pump ``pump_name``; Redis trouble puts it back for later.
+
+    The batch is ``payload`` (its bytes) or ``stored`` (the id of a batch kept in Redis by the
+    ingest task, released here once it is written or dead-lettered).
+    """
     try:
-        return _write(self, pump_name, payload)
+        if payload is None:
+            if stored is None:
+                raise ValueError("a write task needs payload or stored")
+            payload = _batches().fetch(stored)
+            if payload is None:
+                # Every pump released it: a copy of this task already wrote it.
+                logger.info("pump %s: batch %s was already written", pump_name, stored)
+                return {"batch": stored, "written": 0, "already_written": True}
+        result = _write(self, pump_name, payload)
+        if stored is not None:
+            _batches().release(stored, pump_name)
+        return result
     except redis.RedisError as exc:
         logger.warning("pump %s: Redis unavailable (%s); batch put back", pump_name, exc)
         retry_later(self, exc, countdown_s=delivery_backoff_s(self.request.retries))

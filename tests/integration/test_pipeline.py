@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -14,12 +15,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import redis
 
 from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
 from app.codec import encode_go_record
+from app.config import load_settings
 from pumps.csv import go_time_string
+from tasks.batches import BatchStore
 from tests.support import (
     REPO,
     Proc,
@@ -109,6 +113,7 @@ def test_reporter_and_go_records_reach_csv_exactly_once_with_every_field(
     assert not lost and not duplicated
     assert by_request == expected
     assert redis_db.llen(list_key) == 0
+    assert not redis_db.keys("iam-pump:batch:*")
 
 
 def test_sigterm_under_load_loses_nothing(
@@ -241,6 +246,8 @@ def test_retries_then_dead_letters_and_other_pumps_flow(
         timeout=60,
     )
     assert "broken" in result.stdout and "injected failure" in result.stdout
+    # Written or dead-lettered, no batch is left behind in Redis.
+    assert wait_until(lambda: not redis_db.keys("iam-pump:batch:*"), 30)
 
 
 def get_json(url: str) -> tuple[int, dict[str, Any]]:
@@ -346,3 +353,39 @@ def test_expiry_is_filled_from_storage_expiration_time(
         expire.split(".")[0].replace(" +0000 UTC", ""), "%Y-%m-%d %H:%M:%S"
     ).replace(tzinfo=UTC)
     assert abs((parsed - (datetime.now(UTC) + timedelta(hours=2))).total_seconds()) < 60
+
+
+def test_write_tasks_name_a_batch_kept_once_until_every_pump_wrote_it(
+    tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
+) -> None:
+    config = write_config(
+        tmp_path / "c.yaml",
+        base_config(
+            tmp_path,
+            pumps={
+                "csv": {"type": "csv", "meta": {"csv_dir": str(tmp_path / "csv")}},
+                "mem": {"type": "memory"},
+            },
+        ),
+    )
+    store = BatchStore(redis_db, load_settings(config))
+    # Only ingest runs at first: the write tasks wait in the pump queues.
+    procs.append(start_worker(config, tmp_path / "ingest.log", queues="ingest", name="in"))
+    records = [make_record("kept", i) for i in range(3000)]
+    report(records, config)
+    assert wait_until(lambda: redis_db.llen("pump.csv") >= 1 and store.count() >= 1, 60)
+    assert wait_until(lambda: redis_db.llen("pump.csv") == redis_db.llen("pump.mem"), 30)
+    for raw in redis_db.lrange("pump.csv", 0, -1):
+        message = json.loads(raw)
+        args, kwargs, _ = msgpack.unpackb(base64.b64decode(message["body"]))
+        assert args == ["csv"] and set(kwargs) == {"stored"}
+        assert len(raw) < 4096, "a write task carries the batch's id, not its bytes"
+        assert store.holders(kwargs["stored"]) == ["csv", "mem"]
+
+    procs.append(start_worker(config, tmp_path / "pumps.log", queues="pump.csv,pump.mem"))
+    assert wait_until(lambda: len(read_csv_rows(tmp_path / "csv")) >= len(records), 60)
+    assert wait_until(lambda: store.count() == 0, 30), "every batch is removed once written"
+    assert sorted(row["Request"] for row in read_csv_rows(tmp_path / "csv")) == sorted(
+        r.request for r in records
+    )
+    assert int(redis_db.hget("iam-pump:stats", "written_records:mem") or 0) == len(records)
