@@ -10,9 +10,8 @@ it. Delivery is at-least-once: a batch delivered twice is appended twice.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -81,31 +80,37 @@ def csv_row(record: AnalyticsRecord) -> list[str]:
     ]
 
 
-def csv_text(records: Sequence[AnalyticsRecord]) -> str:
-    """The rows of a batch as CSV text (the same as :func:`csv_row` for each record).
+#: A field is quoted when it holds one of these (RFC 4180's rule, as Go's encoding/csv and Python's
+#: csv module read it): the separator, the quote, or either line-break character.
+_NEEDS_QUOTES = re.compile(r'[",\r\n]').search
 
-    Records of one batch nearly always share their expiry, so each distinct expiry is formatted
-    once per batch rather than once per record; the csv module (C) does the quoting.
+
+def csv_field(text: str) -> str:
+    """One field as it appears in the file: as is, or quoted with inner quotes doubled."""
+    if _NEEDS_QUOTES(text) is None:
+        return text
+    return '"' + text.replace('"', '""') + '"'
+
+
+def csv_text(records: Sequence[AnalyticsRecord]) -> str:
+    """The rows of a batch as CSV text, one line per record in :func:`csv_row`'s order.
+
+    Built with string operations that run in C per field (one search, rarely a replace), which
+    is several times faster than the csv module's character-by-character writer. Records of one
+    batch nearly always share their expiry, so each distinct expiry is formatted once per batch.
     """
     expiry_text: dict[datetime | None, str] = {}
-    for record in records:
-        if record.expire_at not in expiry_text:
-            expiry_text[record.expire_at] = go_time_string(record.expire_at)
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(
-        (
-            r.timestamp,
-            r.username,
-            r.effect,
-            r.conclusion,
-            r.request,
-            r.policies,
-            r.deciders,
-            expiry_text[r.expire_at],
+    q = csv_field
+    lines = []
+    for r in records:
+        expiry = expiry_text.get(r.expire_at)
+        if expiry is None:
+            expiry = expiry_text[r.expire_at] = q(go_time_string(r.expire_at))
+        lines.append(
+            f"{r.timestamp},{q(r.username)},{q(r.effect)},{q(r.conclusion)},{q(r.request)},"
+            f"{q(r.policies)},{q(r.deciders)},{expiry}\n"
         )
-        for r in records
-    )
-    return buffer.getvalue()
+    return "".join(lines)
 
 
 class CSVPump(Pump):

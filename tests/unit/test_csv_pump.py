@@ -105,18 +105,36 @@ def test_unwritable_directory_fails_the_health_check(tmp_path: Path) -> None:
         pump.open()
 
 
-def test_batch_text_matches_row_by_row_formatting() -> None:
+def test_batch_text_reads_back_field_for_field() -> None:
     import io
+    import random
 
     from pumps.csv import csv_row, csv_text
+
+    alphabet = ["a", '"', ",", "\r", "\n", " ", "\t", "ü", "\\", "'", "\u2028", "\x00"]
+    rng = random.Random(7)
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
 
     expiries = [datetime(2030, 1, 1, tzinfo=UTC), None, datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)]
     records = [
         AnalyticsRecord(
-            timestamp=i, username=f'u{i},"x"', request="a\nb", expire_at=expiries[i % 3]
+            timestamp=i,
+            username=text(),
+            effect=text(),
+            conclusion=text(),
+            request=text(),
+            policies=text(),
+            deciders=text(),
+            expire_at=expiries[i % 3],
         )
-        for i in range(30)
+        for i in range(3000)
     ]
+    written = csv_text(records)
+    assert list(csv.reader(io.StringIO(written, newline=""))) == [csv_row(r) for r in records]
+    # Where the csv module quotes correctly (no bare carriage return), the text is the same.
+    plain = [r for r in records if "\r" not in "".join(csv_row(r))]
     expected = io.StringIO()
-    csv.writer(expected, lineterminator="\n").writerows(csv_row(r) for r in records)
-    assert csv_text(records) == expected.getvalue()
+    csv.writer(expected, lineterminator="\n").writerows(csv_row(r) for r in plain)
+    assert csv_text(plain) == expected.getvalue()
