@@ -140,9 +140,18 @@ def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected
     that is not an envelope at all raises :class:`MalformedBatchError`.
     """
     try:
-        envelope = msgpack.unpackb(
-            payload, raw=False, timestamp=3, unicode_errors="surrogateescape"
-        )
+        # Nearly every batch is valid UTF-8 throughout: decoded strictly, its strings need no
+        # check one by one. Otherwise it is decoded leniently and each record checked.
+        envelope = msgpack.unpackb(payload, raw=False, timestamp=3)
+        checked = True
+    except UnicodeDecodeError:
+        checked = False
+        try:
+            envelope = msgpack.unpackb(
+                payload, raw=False, timestamp=3, unicode_errors="surrogateescape"
+            )
+        except Exception as exc:
+            raise MalformedBatchError(f"batch is not msgpack: {exc}") from exc
     except Exception as exc:
         raise MalformedBatchError(f"batch is not msgpack: {exc}") from exc
     if not isinstance(envelope, dict) or not isinstance(envelope.get("id"), str):
@@ -168,7 +177,8 @@ def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected
             raise MalformedBatchError("batch has neither 'records' nor 'go' list")
         for position, row in enumerate(rows):
             try:
-                _check_strings(row)
+                if not checked:
+                    _check_strings(row)
                 good.append([position, *validate_row(row)])
             except MalformedRecordError as exc:
                 rejected.append(Rejected(position, _repack(row), str(exc)))
