@@ -39,6 +39,7 @@ import msgpack
 
 from app.config import (
     DEFAULT_FLUSH_INTERVAL_MS,
+    DEFAULT_KEY_PREFIX,
     DEFAULT_POOL_SIZE,
     DEFAULT_RECORDS_BUFFER_SIZE,
     DEFAULT_STORAGE_EXPIRATION_S,
@@ -80,6 +81,8 @@ class AnalyticsOptions:
     broker_url: str = "redis://127.0.0.1:6379/0"
     redis_url: str = "redis://127.0.0.1:6379/0"
     analytics_key: str = "analytics-iam-system-analytics"
+    #: Prefix of the keys that hold envelopes on a Redis broker (the pump's ``key-prefix``).
+    key_prefix: str = DEFAULT_KEY_PREFIX
 
     def __post_init__(self) -> None:
         if self.pool_size < 1:
@@ -104,6 +107,7 @@ class AnalyticsOptions:
             broker_url=settings.broker,
             redis_url=settings.redis.url,
             analytics_key=settings.analytics_key,
+            key_prefix=settings.key_prefix,
         )
 
     @classmethod
@@ -268,7 +272,7 @@ class Analytics:
     def _make_transport(self) -> Transport:
         if self.options.transport == "redis-list":
             return RedisListTransport(self.options.redis_url, self.options.analytics_key)
-        return CeleryTransport(self.options.broker_url)
+        return CeleryTransport(self.options.broker_url, key_prefix=self.options.key_prefix)
 
     def stop(self, *, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> AnalyticsStats:
         """Refuse new records, ship every accepted one, stop the threads; safe to call twice.

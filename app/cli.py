@@ -161,6 +161,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     stats = {as_text(k): int(v) for k, v in client.hgetall(settings.key("stats")).items()}
     for key in sorted(stats):
         print(f"  {key:<40} {stats[key]}")
+    if settings.batches_on_broker:
+        from app.runtime import broker_redis_client
+        from tasks.batches import BatchStore, EnvelopeStore
+
+        broker = broker_redis_client(settings)
+        waiting = EnvelopeStore(broker, settings.key_prefix).waiting()
+        held = BatchStore(broker, settings).held()
+        print(f"batches kept on the broker: {waiting} waiting for ingest, {held} for pumps")
     store = DeadLetterStore(client, settings)
     for group in store.groups():
         print(f"dead letters {group}: {store.count(group)} entries")

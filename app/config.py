@@ -288,13 +288,12 @@ class Settings(_Model):
         return self.broker_url or self.redis.url
 
     @property
-    def batches_in_redis(self) -> bool:
-        """Whether clean batches are kept once in Redis and write tasks carry only their id.
+    def batches_on_broker(self) -> bool:
+        """Whether batch bytes are kept on the broker (a Redis server) and tasks name them.
 
-        Only when the broker is the ``redis:`` server itself: a batch must live where its tasks
-        live (see tasks/batches.py).
+        Otherwise (RabbitMQ) batches travel inside the messages; see tasks/batches.py.
         """
-        return self.broker_url is None or self.broker_url == self.redis.url
+        return broker_is_redis(self.broker)
 
     @property
     def enabled_pumps(self) -> dict[str, PumpEntryConfig]:
@@ -389,6 +388,11 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> str | None:
     if explicit:
         return os.fspath(explicit)
     return os.environ.get(CONFIG_ENV_VAR) or None
+
+
+def broker_is_redis(broker_url: str) -> bool:
+    """Whether a Celery broker URL names a Redis server that redis-py can also reach."""
+    return urlsplit(broker_url).scheme in ("redis", "rediss")
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:

@@ -38,6 +38,10 @@ _COUNTERS = {
     "ingested_records": ("iam_pump_ingested_records", "Records validated and fanned out."),
     "malformed_records": ("iam_pump_malformed_records", "Records set aside as malformed."),
     "purged_records": ("iam_pump_purged_records", "Records moved off iam's Redis list."),
+    "lost_batches": (
+        "iam_pump_lost_batches",
+        "Batches whose bytes vanished from the broker's Redis before a task read them.",
+    ),
 }
 _PER_PUMP_COUNTERS = {
     "written_records": ("iam_pump_written_records", "Records written by a pump."),

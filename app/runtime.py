@@ -43,6 +43,17 @@ def redis_client(current: Settings | None = None) -> redis.Redis:
     )
 
 
+def broker_redis_client(current: Settings | None = None) -> redis.Redis:
+    """A Redis client for the broker's server, where batch bytes are kept (tasks/batches.py)."""
+    chosen = current or settings()
+    config = chosen.redis
+    return _redis_for(
+        chosen.broker,
+        config.optimisation_max_active or None,
+        config.timeout or DEFAULT_REDIS_CONNECT_TIMEOUT_S,
+    )
+
+
 @cache
 def _redis_for(url: str, max_connections: int | None, connect_timeout_s: float) -> redis.Redis:
     return redis.Redis.from_url(

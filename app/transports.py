@@ -17,7 +17,9 @@ import redis
 from celery import Celery
 
 from app.codec import encode_envelope, encode_go_row
+from app.config import broker_is_redis
 from app.errors import ShipError
+from tasks.batches import EnvelopeStore
 from tasks.names import INGEST_QUEUE, INGEST_TASK
 
 #: What msgpack raises for a value it cannot encode; a transport lets these through, unwrapped,
@@ -37,9 +39,13 @@ class Transport(Protocol):
 
 
 class CeleryTransport:
-    """Sends each batch as one ``ingest`` task (msgpack bytes) through the Celery broker."""
+    """Sends each batch as one ``ingest`` task through the Celery broker.
 
-    def __init__(self, broker_url: str) -> None:
+    With a Redis broker and a ``key_prefix``, the envelope is kept on the broker's Redis and the
+    task names its key (tasks/batches.py); otherwise the task carries the envelope's bytes.
+    """
+
+    def __init__(self, broker_url: str, *, key_prefix: str | None = None) -> None:
         self._app = Celery("iam_pump_reporter", broker=broker_url, set_as_current=False)
         self._app.conf.update(
             task_serializer="msgpack",
@@ -50,21 +56,37 @@ class CeleryTransport:
             broker_connection_retry_on_startup=False,
             broker_transport_options={"max_retries": 0},
         )
+        self._redis: redis.Redis | None = None
+        self._envelopes: EnvelopeStore | None = None
+        if key_prefix is not None and broker_is_redis(broker_url):
+            self._redis = _redis_client(broker_url)
+            self._envelopes = EnvelopeStore(self._redis, key_prefix)
 
     def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None:
         payload = encode_envelope(batch_id, rows)
         try:
-            self._app.send_task(
-                INGEST_TASK,
-                args=(payload,),
-                queue=INGEST_QUEUE,
-                retry=False,
-            )
+            if self._envelopes is not None:
+                key = self._envelopes.put(batch_id, payload)
+                self._app.send_task(
+                    INGEST_TASK, kwargs={"stored": key}, queue=INGEST_QUEUE, retry=False
+                )
+            else:
+                self._app.send_task(INGEST_TASK, args=(payload,), queue=INGEST_QUEUE, retry=False)
         except Exception as exc:
             raise ShipError(f"broker did not take batch {batch_id}: {exc}") from exc
 
     def close(self) -> None:
         self._app.close()
+        if self._redis is not None:
+            self._redis.close()
+
+
+def _redis_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=BROKER_CONNECT_TIMEOUT_S,
+        socket_timeout=BROKER_CONNECT_TIMEOUT_S * 5,
+    )
 
 
 class RedisListTransport:
@@ -72,11 +94,7 @@ class RedisListTransport:
 
     def __init__(self, redis_url: str, key: str) -> None:
         self._key = key
-        self._redis = redis.Redis.from_url(
-            redis_url,
-            socket_connect_timeout=BROKER_CONNECT_TIMEOUT_S,
-            socket_timeout=BROKER_CONNECT_TIMEOUT_S * 5,
-        )
+        self._redis = _redis_client(redis_url)
 
     def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None:
         items = [encode_go_row(row) for row in rows]

@@ -168,6 +168,21 @@ class DeadLetterStore:
         self.put(entry)
         return entry
 
+    def put_lost(self, group: str, batch_id: str, error: str) -> DeadLetter:
+        """Record that a task found its batch's bytes gone from Redis (nothing to replay)."""
+        entry = DeadLetter(
+            id=f"{batch_id}:lost",
+            group=group,
+            stage="lost",
+            batch_id=batch_id,
+            error=error,
+            failed_at=time.time(),
+            record_count=0,
+        )
+        self.put(entry)
+        self._redis.hincrby(self._settings.key("stats"), "lost_batches", 1)
+        return entry
+
     def groups(self) -> list[str]:
         """Every group that has ever held an entry (sorted)."""
         return sorted(as_text(name) for name in self._redis.smembers(self._groups_key))

@@ -22,8 +22,8 @@ from app import runtime
 from app.celery_app import app
 from app.codec import MalformedBatchError, Rejected, decode_envelope, encode_clean_batch
 from app.redis_values import as_text
-from tasks.batches import BatchStore
-from tasks.dead_letters import DeadLetterStore
+from tasks.batches import BatchLostError, BatchStore, EnvelopeStore
+from tasks.dead_letters import INGEST_GROUP, DeadLetterStore
 from tasks.names import INGEST_TASK, WRITE_TASK, pump_queue
 from tasks.retrying import delivery_backoff_s, retry_later
 
@@ -42,10 +42,32 @@ return 0
 
 
 @app.task(name=INGEST_TASK, bind=True, acks_late=True, max_retries=None)
-def ingest(self: Task, payload: bytes) -> dict[str, Any]:
-    """Validate ``payload`` (a batch envelope) and send one write task per enabled pump."""
+def ingest(self: Task, payload: bytes | None = None, stored: str | None = None) -> dict[str, Any]:
+    """Validate a batch envelope and send one write task per enabled pump.
+
+    The envelope is ``payload`` (its bytes) or ``stored`` (the key of an envelope kept on the
+    broker's Redis by the reporter or the purge: tasks/batches.py).
+    """
     try:
-        return _ingest(self, payload)
+        if payload is not None:
+            return _ingest(self, payload)
+        if stored is None:
+            raise ValueError("an ingest task needs payload or stored")
+        envelopes = EnvelopeStore(runtime.broker_redis_client(), runtime.settings().key_prefix)
+        try:
+            payload = envelopes.take(stored)
+        except BatchLostError as exc:
+            logger.error("ingest: %s; its records cannot be delivered", exc)
+            DeadLetterStore(runtime.redis_client(), runtime.settings()).put_lost(
+                INGEST_GROUP, stored, str(exc)
+            )
+            return {"batch": stored, "records": 0, "lost": True}
+        if payload is None:
+            logger.info("ingest: %s was already fanned out", stored)
+            return {"batch": stored, "records": 0, "already_ingested": True}
+        result = _ingest(self, payload)
+        envelopes.done(stored, ttl_s=runtime.settings().delivery.dedup_ttl_s)
+        return result
     except redis.RedisError as exc:
         logger.warning("ingest: Redis unavailable (%s); batch put back", exc)
         retry_later(self, exc, countdown_s=delivery_backoff_s(self.request.retries))
@@ -108,10 +130,10 @@ def fan_out(batch_id: str, clean: bytes) -> list[str]:
     missing = {name: entry for name, entry in settings.enabled_pumps.items() if name not in already}
     if not missing:
         return []
-    by_id = settings.batches_in_redis
+    by_id = settings.batches_on_broker
     if by_id:
         # Kept before any task names it; a copy redelivered mid fan-out keeps it again.
-        BatchStore(client, settings).hold(batch_id, clean, list(missing))
+        BatchStore(runtime.broker_redis_client(), settings).hold(batch_id, clean, list(missing))
     sent = []
     for name, entry in missing.items():
         app.send_task(

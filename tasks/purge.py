@@ -29,6 +29,7 @@ from app import runtime
 from app.celery_app import app
 from app.codec import encode_go_envelope
 from app.redis_values import as_bytes, as_text
+from tasks.batches import EnvelopeStore
 from tasks.names import INGEST_QUEUE, INGEST_TASK, PURGE_TASK
 
 logger = logging.getLogger(__name__)
@@ -86,9 +87,7 @@ def drain(*, budget_s: float = PURGE_RUN_BUDGET_S) -> dict[str, Any]:
             if not items:
                 break
             batch_id = f"{epoch_text}-{offset}"
-            app.send_task(
-                INGEST_TASK, args=(encode_go_envelope(batch_id, items),), queue=INGEST_QUEUE
-            )
+            send_ingest(batch_id, encode_go_envelope(batch_id, items))
             if not trim(
                 keys=[lock_key, list_key, offset_key], args=[token, len(items), lock_ttl_ms]
             ):
@@ -104,3 +103,14 @@ def drain(*, budget_s: float = PURGE_RUN_BUDGET_S) -> dict[str, Any]:
     if records:
         logger.info("purge: moved %d records in %d batches (%s)", records, batches, status)
     return {"status": status, "records": records, "batches": batches}
+
+
+def send_ingest(batch_id: str, envelope: bytes) -> None:
+    """Enqueue an ingest task for ``envelope``: by key when the broker is Redis, else inline."""
+    settings = runtime.settings()
+    if settings.batches_on_broker:
+        store = EnvelopeStore(runtime.broker_redis_client(), settings.key_prefix)
+        key = store.put(batch_id, envelope)
+        app.send_task(INGEST_TASK, kwargs={"stored": key}, queue=INGEST_QUEUE)
+    else:
+        app.send_task(INGEST_TASK, args=(envelope,), queue=INGEST_QUEUE)

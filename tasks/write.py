@@ -21,7 +21,7 @@ from app.celery_app import app
 from app.codec import decode_clean_batch
 from pumps.errors import PumpConfigError, PumpPermanentError, PumpTemporaryError
 from pumps.pipeline import run_pipeline
-from tasks.batches import BatchStore
+from tasks.batches import BatchLostError, BatchStore
 from tasks.dead_letters import DeadLetterStore
 from tasks.names import WRITE_TASK
 from tasks.retrying import delivery_backoff_s, retry_later
@@ -70,7 +70,7 @@ class WriteTask(Task):  # type: ignore[misc]
 
 
 def _batches() -> BatchStore:
-    return BatchStore(runtime.redis_client(), runtime.settings())
+    return BatchStore(runtime.broker_redis_client(), runtime.settings())
 
 
 @app.task(name=WRITE_TASK, base=WriteTask, bind=True, acks_late=True, max_retries=None)
@@ -86,7 +86,14 @@ def write(
         if payload is None:
             if stored is None:
                 raise ValueError("a write task needs payload or stored")
-            payload = _batches().fetch(stored)
+            try:
+                payload = _batches().fetch(stored)
+            except BatchLostError as exc:
+                logger.error("pump %s: %s; its records cannot be written", pump_name, exc)
+                DeadLetterStore(runtime.redis_client(), runtime.settings()).put_lost(
+                    pump_name, stored, str(exc)
+                )
+                return {"batch": stored, "written": 0, "lost": True}
             if payload is None:
                 # Every pump released it: a copy of this task already wrote it.
                 logger.info("pump %s: batch %s was already written", pump_name, stored)

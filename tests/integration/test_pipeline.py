@@ -21,9 +21,9 @@ import redis
 
 from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
 from app.codec import encode_go_record
-from app.config import load_settings
+from app.config import load_settings, parse_settings
 from pumps.csv import go_time_string
-from tasks.batches import BatchStore
+from tasks.batches import BatchStore, EnvelopeStore
 from tests.support import (
     REPO,
     Proc,
@@ -74,6 +74,13 @@ def count_by_request(rows: list[dict[str, str]]) -> dict[str, int]:
     return counts
 
 
+def kept_bytes(client: redis.Redis) -> int:
+    """Envelopes and clean batches still kept on the broker (0 once everything is delivered)."""
+    settings = parse_settings("pumps: {out: {type: stdout}}")  # the default key prefix
+    envelopes = EnvelopeStore(client, settings.key_prefix)
+    return envelopes.waiting() + BatchStore(client, settings).held()
+
+
 def report(records: list[AnalyticsRecord], config_path: Path) -> None:
     analytics = Analytics(AnalyticsOptions.from_yaml(str(config_path)))
     analytics.start()
@@ -113,7 +120,7 @@ def test_reporter_and_go_records_reach_csv_exactly_once_with_every_field(
     assert not lost and not duplicated
     assert by_request == expected
     assert redis_db.llen(list_key) == 0
-    assert not redis_db.keys("iam-pump:batch:*")
+    assert kept_bytes(redis_db) == 0
 
 
 def test_sigterm_under_load_loses_nothing(
@@ -247,7 +254,7 @@ def test_retries_then_dead_letters_and_other_pumps_flow(
     )
     assert "broken" in result.stdout and "injected failure" in result.stdout
     # Written or dead-lettered, no batch is left behind in Redis.
-    assert wait_until(lambda: not redis_db.keys("iam-pump:batch:*"), 30)
+    assert wait_until(lambda: kept_bytes(redis_db) == 0, 30)
 
 
 def get_json(url: str) -> tuple[int, dict[str, Any]]:
@@ -291,6 +298,7 @@ def test_iam_pump_run_serves_health_and_metrics_and_runs_the_pipeline(
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
         metrics = response.read().decode()
     assert "iam_pump_redis_up 1.0" in metrics
+    assert "iam_pump_lost_batches_total 0.0" in metrics
     assert 'iam_pump_written_records_total{pump="csv"}' in metrics
     run.send(signal.SIGTERM)
     assert run.popen.wait(60) == 0
@@ -355,7 +363,14 @@ def test_expiry_is_filled_from_storage_expiration_time(
     assert abs((parsed - (datetime.now(UTC) + timedelta(hours=2))).total_seconds()) < 60
 
 
-def test_write_tasks_name_a_batch_kept_once_until_every_pump_wrote_it(
+def task_arguments(raw: bytes) -> tuple[list[Any], dict[str, Any]]:
+    """The positional and keyword arguments of a Celery message as kombu's Redis list holds it."""
+    message = json.loads(raw)
+    args, kwargs, _ = msgpack.unpackb(base64.b64decode(message["body"]))
+    return args, kwargs
+
+
+def test_tasks_name_batches_kept_once_until_every_pump_wrote_them(
     tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
 ) -> None:
     config = write_config(
@@ -368,23 +383,34 @@ def test_write_tasks_name_a_batch_kept_once_until_every_pump_wrote_it(
             },
         ),
     )
-    store = BatchStore(redis_db, load_settings(config))
-    # Only ingest runs at first: the write tasks wait in the pump queues.
-    procs.append(start_worker(config, tmp_path / "ingest.log", queues="ingest", name="in"))
+    settings = load_settings(config)
+    store = BatchStore(redis_db, settings)
+    envelopes = EnvelopeStore(redis_db, settings.key_prefix)
+    # No worker yet: the reporter's ingest tasks name envelopes kept on the broker.
     records = [make_record("kept", i) for i in range(3000)]
     report(records, config)
-    assert wait_until(lambda: redis_db.llen("pump.csv") >= 1 and store.count() >= 1, 60)
+    assert redis_db.llen("ingest") >= 1
+    for raw in redis_db.lrange("ingest", 0, -1):
+        args, kwargs = task_arguments(raw)
+        assert args == [] and set(kwargs) == {"stored"}
+        assert len(raw) < 4096, "an ingest task carries the envelope's key, not its bytes"
+        assert envelopes.take(kwargs["stored"])
+    assert envelopes.waiting() == redis_db.llen("ingest")
+
+    # Only ingest runs: the write tasks wait in the pump queues.
+    procs.append(start_worker(config, tmp_path / "ingest.log", queues="ingest", name="in"))
+    assert wait_until(lambda: redis_db.llen("pump.csv") >= 1 and store.held() >= 1, 60)
     assert wait_until(lambda: redis_db.llen("pump.csv") == redis_db.llen("pump.mem"), 30)
     for raw in redis_db.lrange("pump.csv", 0, -1):
-        message = json.loads(raw)
-        args, kwargs, _ = msgpack.unpackb(base64.b64decode(message["body"]))
+        args, kwargs = task_arguments(raw)
         assert args == ["csv"] and set(kwargs) == {"stored"}
         assert len(raw) < 4096, "a write task carries the batch's id, not its bytes"
         assert store.holders(kwargs["stored"]) == ["csv", "mem"]
 
     procs.append(start_worker(config, tmp_path / "pumps.log", queues="pump.csv,pump.mem"))
     assert wait_until(lambda: len(read_csv_rows(tmp_path / "csv")) >= len(records), 60)
-    assert wait_until(lambda: store.count() == 0, 30), "every batch is removed once written"
+    assert wait_until(lambda: store.held() == 0, 30), "every batch is removed once written"
+    assert envelopes.waiting() == 0
     assert sorted(row["Request"] for row in read_csv_rows(tmp_path / "csv")) == sorted(
         r.request for r in records
     )
