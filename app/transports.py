@@ -56,6 +56,7 @@ class CeleryTransport:
             broker_connection_retry_on_startup=False,
             broker_transport_options={"max_retries": 0},
         )
+        self._local = threading.local()
         self._redis: redis.Redis | None = None
         self._envelopes: EnvelopeStore | None = None
         if key_prefix is not None and broker_is_redis(broker_url):
@@ -63,7 +64,7 @@ class CeleryTransport:
             self._envelopes = EnvelopeStore(self._redis, key_prefix)
 
     def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None:
-        payload = encode_envelope(batch_id, rows)
+        payload = self._packed(batch_id, rows)
         try:
             if self._envelopes is not None:
                 key = self._envelopes.put(batch_id, payload)
@@ -74,6 +75,18 @@ class CeleryTransport:
                 self._app.send_task(INGEST_TASK, args=(payload,), queue=INGEST_QUEUE, retry=False)
         except Exception as exc:
             raise ShipError(f"broker did not take batch {batch_id}: {exc}") from exc
+        self._local.packed = None
+
+    def _packed(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> bytes:
+        # A batch that failed to ship is retried by the same thread with the same id: its bytes
+        # are kept rather than packed again on every attempt of an outage (megabytes each time,
+        # which the allocator does not always give back).
+        cached: tuple[str, bytes] | None = getattr(self._local, "packed", None)
+        if cached is not None and cached[0] == batch_id:
+            return cached[1]
+        payload = encode_envelope(batch_id, rows)
+        self._local.packed = (batch_id, payload)
+        return payload
 
     def close(self) -> None:
         self._app.close()

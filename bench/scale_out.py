@@ -40,6 +40,7 @@ from benchlib import (
     write_config,
 )
 
+from app.config import DEFAULT_KEY_PREFIX
 from app.transports import CeleryTransport
 
 TITLE = "8. scale-out"
@@ -55,7 +56,7 @@ LAYOUTS: list[tuple[str, list[int]]] = [
 def fill(records: int, batch: int) -> float:
     """Queue ``records`` records as reporter batches; returns the Redis CPU seconds it took."""
     client = bench_redis()
-    transport = CeleryTransport(BENCH_REDIS_URL)
+    transport = CeleryTransport(BENCH_REDIS_URL, key_prefix=DEFAULT_KEY_PREFIX)
     expire_at = datetime.now(UTC) + timedelta(days=1)
     template = [make_record(i) for i in range(batch)]
     rows = [

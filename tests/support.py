@@ -186,6 +186,17 @@ def start_beat(config_path: Path, log: Path, tmp_path: Path) -> Proc:
     return proc
 
 
+def run_cli(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """``iam-pump ARGS`` (``python -m app.cli``) run to completion, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout_s,
+    )
+
+
 def read_csv_rows(directory: Path) -> list[dict[str, str]]:
     """Every data row of every CSV file in a folder (headers checked and skipped)."""
     rows: list[dict[str, str]] = []

@@ -5,8 +5,6 @@ every other batch is delivered."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from tasks.batches import BatchStore, EnvelopeStore
 from tasks.dead_letters import DeadLetterStore
 from tests.faults.conftest import fault_config
 from tests.faults.helpers import make_records, report, requests_in
-from tests.support import REPO, Proc, start_worker, wait_until, write_config
+from tests.support import Proc, run_cli, start_worker, wait_until, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -62,12 +60,6 @@ def test_evicted_batch_bytes_are_reported_and_the_rest_delivered(
     assert all("not in Redis" in e.error and not e.replayable for e in lost)
     assert int(faults_db.hget(settings.key("stats"), "lost_batches") or 0) == 2
     assert "not in Redis" in procs[0].output() and "not in Redis" in procs[1].output()
-    status = subprocess.run(
-        [sys.executable, "-m", "app.cli", "status", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    status = run_cli("status", "--config", str(config))
     assert "lost_batches" in status.stdout, status.stdout
     assert "batches kept on the broker: 0 waiting for ingest, 0 for pumps" in status.stdout

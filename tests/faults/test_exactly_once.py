@@ -4,8 +4,6 @@ worker's redelivery and through dead letters replayed twice."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from tasks.dead_letters import DeadLetterStore
 from tests.faults.conftest import fault_config
 from tests.faults.helpers import make_records, report
 from tests.stores import mongo_url_for
-from tests.support import REPO, Proc, free_port, start_worker, wait_until, write_config
+from tests.support import Proc, free_port, run_cli, start_worker, wait_until, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -129,23 +127,7 @@ def test_dead_letters_replayed_twice_are_stored_once(
     procs.append(start_worker(config_path, tmp_path / "w2.log", name="w2"))
     expected = {r.request for r in records}
     for round_ in (1, 2):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "app.cli",
-                "dead-letters",
-                "replay",
-                "mongo",
-                "--all",
-                "--config",
-                str(config_path),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
-        )
+        result = run_cli("dead-letters", "replay", "mongo", "--all", "--config", str(config_path))
         assert result.returncode == 0, result.stdout + result.stderr
         assert "replayed 8 entries" in result.stdout
         assert wait_until(lambda: tally_mongo(mongo_db, expected)[0] == 0, 60)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import redis
 
 from tests.faults.conftest import fault_config
 from tests.faults.helpers import await_delivery, make_records, report, requests_in
-from tests.support import REPO, Proc, start_worker, wait_until, write_config
+from tests.support import Proc, run_cli, start_worker, wait_until, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,13 +34,7 @@ def bring_back(directory: Path, away: Path) -> None:
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", "dead-letters", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    return run_cli("dead-letters", *args, "--config", str(config))
 
 
 def test_sink_down_for_a_while_then_back_delivers_everything(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -30,6 +29,7 @@ from tests.support import (
     base_config,
     celery_env,
     read_csv_rows,
+    run_cli,
     start_beat,
     start_worker,
     wait_until,
@@ -169,22 +169,7 @@ def test_malformed_records_on_the_list_are_set_aside_and_the_rest_delivered(
     assert sorted(row["Request"] for row in read_csv_rows(csv_dir)) == sorted(
         r.request for r in good
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "dead-letters",
-            "list",
-            "ingest",
-            "--config",
-            str(config),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = run_cli("dead-letters", "list", "ingest", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "not msgpack" in result.stdout
     assert redis_db.hlen("iam-pump:dead-letters:ingest") == 1
@@ -245,13 +230,7 @@ def test_retries_then_dead_letters_and_other_pumps_flow(
     assert stat("retries:flaky") == 2
     assert stat("retries:broken") == 2
     assert len(read_csv_rows(tmp_path / "csv")) == 500
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "dead-letters", "list", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = run_cli("dead-letters", "list", "--config", str(config))
     assert "broken" in result.stdout and "injected failure" in result.stdout
     # Written or dead-lettered, no batch is left behind in Redis.
     assert wait_until(lambda: kept_bytes(redis_db) == 0, 30)
@@ -336,13 +315,7 @@ def test_health_names_what_is_broken(tmp_path: Path, redis_db: redis.Redis) -> N
 def test_iam_pump_run_refuses_a_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("pumps: {x: {type: nope}}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "run", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = run_cli("run", "--config", str(bad))
     assert result.returncode == 2
     assert "pumps.x.type" in result.stderr
 

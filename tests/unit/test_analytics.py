@@ -234,3 +234,30 @@ def test_records_held_never_exceed_the_bound_while_the_broker_is_away() -> None:
     assert accepted <= 1000
     transport.down = False
     assert analytics.stop().shipped_records == accepted
+
+
+def test_a_batch_retried_through_an_outage_is_packed_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import app.transports as transports
+    from app.errors import ShipError
+    from tests.support import free_port
+
+    packed: list[str] = []
+    real = transports.encode_envelope
+
+    def counting(batch_id: str, rows: list[list[object]]) -> bytes:
+        packed.append(batch_id)
+        return real(batch_id, rows)
+
+    monkeypatch.setattr(transports, "encode_envelope", counting)
+    closed = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: every attempt fails
+    transport = transports.CeleryTransport(closed, key_prefix="iam-pump")
+    row = [1, "u", "allow", "", "r", "", "", datetime(2030, 1, 1, tzinfo=UTC)]
+    for _ in range(3):
+        with pytest.raises(ShipError, match="b1"):
+            transport.ship("b1", [row])
+    with pytest.raises(ShipError, match="b2"):
+        transport.ship("b2", [row])
+    transport.close()
+    assert packed == ["b1", "b2"]

@@ -14,7 +14,7 @@ from app.config import (
     parse_settings,
     warn_ignored_keys,
 )
-from tests.support import REPO
+from tests.support import REPO, run_cli
 
 IAM_PUMP_YAML = """
 purge-delay: 10
@@ -160,13 +160,7 @@ def test_visibility_timeout_exceeds_the_longest_task_and_countdown() -> None:
 def test_check_config_command_exits_2_and_names_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("pumps:\n  csv:\n    type: csv\n    meta: {}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "check-config", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = run_cli("check-config", "--config", str(bad))
     assert result.returncode == 2
     assert "pumps.csv.meta.csv_dir" in result.stderr
 
@@ -204,13 +198,7 @@ def test_iam_options_without_effect_are_reported(caplog: pytest.LogCaptureFixtur
 def test_json_log_format_is_one_object_per_line(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("log: {format: json, level: info, name: pump}\nredis: {port: 1}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "status", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    result = run_cli("status", "--config", str(config))
     import json
 
     lines = [line for line in result.stderr.splitlines() if line.startswith("{")]
