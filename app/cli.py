@@ -97,7 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             command += ["-c", str(args.concurrency)]
         health = HealthServer(settings, redis_client(settings))
         health.start()
-        worker = subprocess.Popen(command, env=env)
+        # Its own session: a Ctrl+C in the terminal reaches this process only, which then asks
+        # the worker for one soft shutdown (a second signal would make it a cold one).
+        worker = subprocess.Popen(command, env=env, start_new_session=True)
         demo = None
         if args.demo:
             from app.demo import DemoProducer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 import sys
 import time
@@ -279,8 +280,11 @@ def test_iam_pump_run_serves_health_and_metrics_and_runs_the_pipeline(
     assert "iam_pump_redis_up 1.0" in metrics
     assert "iam_pump_lost_batches_total 0.0" in metrics
     assert 'iam_pump_written_records_total{pump="csv"}' in metrics
-    run.send(signal.SIGTERM)
+    # Ctrl+C in a terminal signals the whole foreground group: the worker must still see a
+    # single request to stop (one soft shutdown), not the terminal's SIGINT and then ours.
+    os.killpg(run.popen.pid, signal.SIGINT)
     assert run.popen.wait(60) == 0
+    assert "Warm shutdown" not in run.output(), run.output()[-2000:]
 
 
 def test_health_names_what_is_broken(tmp_path: Path, redis_db: redis.Redis) -> None:
