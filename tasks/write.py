@@ -42,7 +42,8 @@ class WriteTask(Task):  # type: ignore[misc]
         if not isinstance(exc, TimeLimitExceeded) or not args:
             return
         pump_name = args[0]
-        stored = (kwargs or {}).get("stored")
+        kwargs = kwargs or {}
+        stored = kwargs.get("stored")
         try:
             payload = args[1] if len(args) > 1 else kwargs.get("payload")
             if payload is None and stored is not None:
