@@ -14,9 +14,12 @@ from typing import Any
 import click
 from celery import Celery, signals
 
+from app import kombu_guard
 from app.config import CONFIG_ENV_VAR
 
 REMAP_SIGTERM_ENV_VAR = "REMAP_SIGTERM"
+
+kombu_guard.install()
 
 app = Celery("iam_pump", include=["tasks.ingest", "tasks.purge", "tasks.write"])
 app.config_from_object("celeryconfig")
