@@ -68,9 +68,13 @@ class EnvelopeStore:
         return f"{self._prefix}:envelope:{batch_id}"
 
     def put(self, batch_id: str, payload: bytes) -> str:
-        """Keep ``payload`` (no expiry) and return the key an ingest task should name."""
+        """Keep ``payload`` (no expiry) and return the key an ingest task should name.
+
+        Only if the key is free: bytes already there (a retried send) or the done marker (the
+        batch already fanned out, its first send arrived after all) are left as they are.
+        """
         key = self.key(batch_id)
-        self._client.set(key, payload)
+        self._client.set(key, payload, nx=True)
         return key
 
     def take(self, key: str) -> bytes | None:

@@ -47,7 +47,13 @@ class WriteTask(Task):  # type: ignore[misc]
         try:
             payload = args[1] if len(args) > 1 else kwargs.get("payload")
             if payload is None and stored is not None:
-                payload = _batches().fetch(stored)
+                try:
+                    payload = _batches().fetch(stored)
+                except BatchLostError as lost:
+                    DeadLetterStore(runtime.redis_client(), runtime.settings()).put_lost(
+                        pump_name, stored, str(lost)
+                    )
+                    return
             if payload is None:
                 return  # another copy of this task finished the batch
             batch_id, records = decode_clean_batch(payload)
@@ -105,6 +111,13 @@ def write(
         return result
     except redis.RedisError as exc:
         logger.warning("pump %s: Redis unavailable (%s); batch put back", pump_name, exc)
+        retry_later(self, exc, countdown_s=delivery_backoff_s(self.request.retries))
+    except SoftTimeLimitExceeded as exc:
+        # Outside the sink's own call (which counts as a failed attempt): decoding, dead
+        # letters, the release. Try again rather than let the task fail and be acknowledged.
+        logger.warning(
+            "pump %s: the pump timeout ran out around the write; batch put back", pump_name
+        )
         retry_later(self, exc, countdown_s=delivery_backoff_s(self.request.retries))
 
 
