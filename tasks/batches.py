@@ -30,6 +30,7 @@ from typing import Any
 import redis
 
 from app.config import Settings
+from app.redis_values import as_text
 
 DATA_FIELD = "data"
 DONE_FIELD = "done"
@@ -144,8 +145,7 @@ class BatchStore:
 
     def holders(self, batch_id: str) -> list[str]:
         """The pumps that still have to write the batch."""
-        fields = self._client.hkeys(self.key(batch_id))
-        names = [f.decode() if isinstance(f, bytes) else str(f) for f in fields]
+        names = [as_text(field) for field in self._client.hkeys(self.key(batch_id))]
         return sorted(n[len(PUMP_FIELD_PREFIX) :] for n in names if n.startswith(PUMP_FIELD_PREFIX))
 
     def held(self) -> int:

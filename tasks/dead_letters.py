@@ -11,6 +11,7 @@ that could not be decoded, the raw bytes of each bad record (``raw``), kept for 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from app.codec import Rejected, encode_clean_batch, records_to_clean_rows
 from app.config import Settings
 from app.record import AnalyticsRecord
 from app.redis_values import as_bytes, as_text
+
+logger = logging.getLogger(__name__)
 
 INGEST_GROUP = "ingest"
 
@@ -170,6 +173,7 @@ class DeadLetterStore:
 
     def put_lost(self, group: str, batch_id: str, error: str) -> DeadLetter:
         """Record that a task found its batch's bytes gone from Redis (nothing to replay)."""
+        logger.error("%s: %s; its records cannot be delivered", group, error)
         entry = DeadLetter(
             id=f"{batch_id}:lost",
             group=group,

@@ -57,7 +57,6 @@ def ingest(self: Task, payload: bytes | None = None, stored: str | None = None) 
         try:
             payload = envelopes.take(stored)
         except BatchLostError as exc:
-            logger.error("ingest: %s; its records cannot be delivered", exc)
             DeadLetterStore(runtime.redis_client(), runtime.settings()).put_lost(
                 INGEST_GROUP, stored, str(exc)
             )

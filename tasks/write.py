@@ -50,14 +50,12 @@ class WriteTask(Task):  # type: ignore[misc]
                 try:
                     payload = _batches().fetch(stored)
                 except BatchLostError as lost:
-                    DeadLetterStore(runtime.redis_client(), runtime.settings()).put_lost(
-                        pump_name, stored, str(lost)
-                    )
+                    _dead_letters().put_lost(pump_name, stored, str(lost))
                     return
             if payload is None:
                 return  # another copy of this task finished the batch
             batch_id, records = decode_clean_batch(payload)
-            DeadLetterStore(runtime.redis_client(), runtime.settings()).put_batch(
+            _dead_letters().put_batch(
                 pump_name,
                 batch_id,
                 payload,
@@ -80,6 +78,10 @@ def _batches() -> BatchStore:
     return BatchStore(runtime.broker_redis_client(), runtime.settings())
 
 
+def _dead_letters() -> DeadLetterStore:
+    return DeadLetterStore(runtime.redis_client(), runtime.settings())
+
+
 @app.task(name=WRITE_TASK, base=WriteTask, bind=True, acks_late=True, max_retries=None)
 def write(
     self: Task, pump_name: str, payload: bytes | None = None, stored: str | None = None
@@ -96,10 +98,7 @@ def write(
             try:
                 payload = _batches().fetch(stored)
             except BatchLostError as exc:
-                logger.error("pump %s: %s; its records cannot be written", pump_name, exc)
-                DeadLetterStore(runtime.redis_client(), runtime.settings()).put_lost(
-                    pump_name, stored, str(exc)
-                )
+                _dead_letters().put_lost(pump_name, stored, str(exc))
                 return {"batch": stored, "written": 0, "lost": True}
             if payload is None:
                 # Every pump released it: a copy of this task already wrote it.
@@ -188,7 +187,7 @@ def _retry_or_dead_letter(
     entry = settings.pumps[pump_name]
     retries = task.request.retries
     if retries >= entry.max_retries:
-        DeadLetterStore(runtime.redis_client(), settings).put_batch(
+        _dead_letters().put_batch(
             pump_name,
             batch_id,
             payload,
