@@ -13,7 +13,7 @@ _MAX_EXPONENT = 32
 
 
 def backoff_s(attempt: int, *, base_s: float, max_s: float) -> float:
-    """Seconds to wait before retry ``attempt + 1``: uniform in [c/2, c], c = min(max, base*2**attempt).
+    """Seconds before retry ``attempt + 1``: uniform in [c/2, c], c = min(max, base * 2**attempt).
 
     The jitter spreads the retries of many workers that failed together, so they do not come
     back at the same instant; the lower half-bound keeps the wait from collapsing to zero.
