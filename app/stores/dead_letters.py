@@ -7,6 +7,8 @@ are deterministic (batch id, stage), so a batch dead-lettered twice after a rede
 
 An entry holds either a clean batch (``payload``, replayable into its pump's queue) or, for input
 that could not be decoded, the raw bytes of each bad record (``raw``), kept for inspection only.
+Every entry adds its records to the ``dead_lettered_records:<group>`` counter in the same
+transaction.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import redis
 from app.codec import Rejected, encode_clean_batch, records_to_clean_rows
 from app.config import Settings
 from app.record import AnalyticsRecord
-from app.redis_values import as_bytes, as_text
+from app.stores.stats import Counter, PumpCounter, Stats, per_pump
+from app.stores.values import as_bytes, as_text
 
 logger = logging.getLogger(__name__)
 
 INGEST_GROUP = "ingest"
+#: The stage of an entry that records bytes gone from Redis (nothing to replay).
+LOST_STAGE = "lost"
 
 
 @dataclass(slots=True)
@@ -84,6 +89,7 @@ class DeadLetterStore:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self._redis = client
         self._settings = settings
+        self._stats = Stats(client, settings)
 
     def _key(self, group: str) -> str:
         return self._settings.key("dead-letters", group)
@@ -97,9 +103,10 @@ class DeadLetterStore:
         pipe = self._redis.pipeline(transaction=True)
         pipe.sadd(self._groups_key, entry.group)
         pipe.hset(self._key(entry.group), entry.id, entry.pack())
-        pipe.hincrby(
-            self._settings.key("stats"), f"dead_lettered_records:{entry.group}", entry.record_count
-        )
+        counts = {per_pump(PumpCounter.DEAD_LETTERED_RECORDS, entry.group): entry.record_count}
+        if entry.stage == LOST_STAGE:
+            counts[Counter.LOST_BATCHES] = 1
+        self._stats.add(counts, pipe=pipe)
         pipe.execute()
 
     def put_batch(
@@ -175,16 +182,15 @@ class DeadLetterStore:
         """Record that a task found its batch's bytes gone from Redis (nothing to replay)."""
         logger.error("%s: %s; its records cannot be delivered", group, error)
         entry = DeadLetter(
-            id=f"{batch_id}:lost",
+            id=f"{batch_id}:{LOST_STAGE}",
             group=group,
-            stage="lost",
+            stage=LOST_STAGE,
             batch_id=batch_id,
             error=error,
             failed_at=time.time(),
             record_count=0,
         )
         self.put(entry)
-        self._redis.hincrby(self._settings.key("stats"), "lost_batches", 1)
         return entry
 
     def groups(self) -> list[str]:

@@ -1,0 +1,84 @@
+"""The counters every worker adds to, in one Redis hash (``<prefix>:stats``).
+
+The counter names are defined here once; the tasks add to them and ``/metrics`` and
+``iam-pump status`` read them back. A per-pump (or per dead-letter group) counter is stored as
+``<name>:<pump>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import redis
+
+from app.config import Settings
+from app.stores.values import as_text
+
+
+class Counter(StrEnum):
+    """Counters of the whole pipeline."""
+
+    INGESTED_BATCHES = "ingested_batches"
+    INGESTED_RECORDS = "ingested_records"
+    MALFORMED_RECORDS = "malformed_records"
+    PURGED_RECORDS = "purged_records"
+    LOST_BATCHES = "lost_batches"
+
+
+class PumpCounter(StrEnum):
+    """Counters kept per pump (dead letters: per group, a pump name or ``ingest``)."""
+
+    WRITTEN_RECORDS = "written_records"
+    WRITTEN_BATCHES = "written_batches"
+    RETRIES = "retries"
+    DEAD_LETTERED_RECORDS = "dead_lettered_records"
+
+
+def per_pump(counter: PumpCounter, pump: str) -> str:
+    """The stored name of a per-pump counter."""
+    return f"{counter}:{pump}"
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSnapshot:
+    """The counters as read at one moment."""
+
+    values: dict[str, int]
+
+    def total(self, counter: Counter) -> int:
+        """A pipeline counter's value (0 when never added to)."""
+        return self.values.get(counter, 0)
+
+    def by_pump(self, counter: PumpCounter) -> dict[str, int]:
+        """A per-pump counter's value for every pump that has one."""
+        prefix = f"{counter}:"
+        return {
+            name[len(prefix) :]: value
+            for name, value in self.values.items()
+            if name.startswith(prefix) and len(name) > len(prefix)
+        }
+
+
+class Stats:
+    """Adds to and reads the counters; each call is one Redis round trip."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self._client = client
+        self.key = settings.key("stats")
+
+    def add(self, counts: dict[str, int], *, pipe: redis.client.Pipeline | None = None) -> None:
+        """Add to several counters at once (names from :class:`Counter` / :func:`per_pump`).
+
+        With ``pipe`` the additions join that pipeline (and its transaction) instead.
+        """
+        target = pipe if pipe is not None else self._client.pipeline(transaction=False)
+        for name, amount in counts.items():
+            target.hincrby(self.key, name, amount)
+        if pipe is None:
+            target.execute()
+
+    def read(self) -> StatsSnapshot:
+        """Every counter now."""
+        raw = self._client.hgetall(self.key)
+        return StatsSnapshot({as_text(name): int(value) for name, value in raw.items()})
