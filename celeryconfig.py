@@ -12,8 +12,8 @@ from kombu import Exchange, Queue
 
 from app.config import Settings
 from app.errors import ConfigError
-from app.runtime import settings as _load_settings
-from tasks.names import INGEST_QUEUE, INGEST_TASK, PURGE_QUEUE, PURGE_TASK, pump_queue
+from app.messages import INGEST_QUEUE, PURGE_QUEUE, PURGE_TASK, pump_queue, route
+from pumps.settings import load_pump_settings
 
 #: How often kombu's Redis transport looks for unacknowledged tasks to restore.
 UNACKED_RESTORE_INTERVAL_S = 10
@@ -23,7 +23,7 @@ UNACKED_MUTEX_EXPIRE_S = 30
 
 def _settings() -> Settings:
     try:
-        return _load_settings()
+        return load_pump_settings()
     except ConfigError as exc:
         print(f"iam-pump: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -77,10 +77,9 @@ task_queues = [
     *(_queue(pump_queue(name)) for name in _pump_settings.enabled_pumps),
 ]
 task_default_queue = INGEST_QUEUE
-task_routes = {
-    INGEST_TASK: {"queue": INGEST_QUEUE},
-    PURGE_TASK: {"queue": PURGE_QUEUE},
-}
+# ingest -> "ingest", purge -> "purge", write(<pump>, ...) -> "pump.<pump>": the same router the
+# senders use (app/messages.py), so a task published any other way lands in the same queue.
+task_routes = (route,)
 
 beat_schedule = {
     "purge-redis-list": {

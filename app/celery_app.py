@@ -15,7 +15,9 @@ import click
 from celery import Celery, signals
 
 from app import kombu_guard
-from app.config import CONFIG_ENV_VAR
+from app.config import CONFIG_ENV_VAR, warn_ignored_keys
+from app.worker_context import WorkerContext, close_context, install_context
+from pumps.settings import load_pump_settings
 
 REMAP_SIGTERM_ENV_VAR = "REMAP_SIGTERM"
 
@@ -57,21 +59,19 @@ def _remap_sigterm(sender: Any, options: dict[str, Any], **_: Any) -> None:
 @signals.worker_init.connect
 @signals.beat_init.connect
 def _report_ignored_keys(**_: Any) -> None:
-    from app.config import warn_ignored_keys
-    from app.runtime import settings
+    warn_ignored_keys(load_pump_settings())
 
-    warn_ignored_keys(settings())
+
+@signals.worker_init.connect
+@signals.worker_process_init.connect
+def _build_context(**_: Any) -> None:
+    # In the main process for the solo and threads pools, then afresh in every prefork child
+    # after the fork: connections and pumps must not be shared across processes. The copy a
+    # child inherits is dropped unclosed (closing would close the parent's sockets).
+    install_context(WorkerContext.build(load_pump_settings(), app))
 
 
 @signals.worker_process_shutdown.connect
-def _close_pumps(**_: Any) -> None:
-    from app.runtime import close_pumps
-
-    close_pumps()
-
-
 @signals.worker_shutdown.connect
-def _close_pumps_in_main(**_: Any) -> None:
-    from app.runtime import close_pumps
-
-    close_pumps()
+def _close_context(**_: Any) -> None:
+    close_context()

@@ -68,3 +68,29 @@ def resolve_pump_class(type_name: str) -> type[Pump]:
     if not (isinstance(pump_class, type) and issubclass(pump_class, Pump)):
         raise PumpConfigError(f"{target!r} is not a Pump subclass")
     return pump_class
+
+
+def meta_problems(pumps: object) -> list[tuple[str, str]]:
+    """Check the raw ``pumps:`` mapping's types and ``meta`` blocks; (key path, message) pairs."""
+    from pydantic import ValidationError
+
+    from app.config import validation_problems
+
+    if not isinstance(pumps, dict):
+        return []
+    problems: list[tuple[str, str]] = []
+    for name, entry in pumps.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+            continue
+        try:
+            pump_class = resolve_pump_class(entry["type"])
+        except PumpUnavailableError:
+            continue
+        except PumpConfigError as exc:
+            problems.append((f"pumps.{name}.type", str(exc)))
+            continue
+        try:
+            pump_class.Meta.model_validate(entry.get("meta") or {})
+        except ValidationError as exc:
+            problems += validation_problems(exc, ("pumps", name, "meta"))
+    return problems

@@ -25,12 +25,13 @@ import time
 import uuid
 from typing import Any
 
-from app import runtime
 from app.celery_app import app
 from app.codec import encode_go_envelope
-from app.redis_values import as_bytes, as_text
-from tasks.batches import EnvelopeStore
-from tasks.names import INGEST_QUEUE, INGEST_TASK, PURGE_TASK
+from app.messages import PURGE_TASK
+from app.stores.locks import RedisLock
+from app.stores.stats import Counter
+from app.stores.values import as_bytes, as_text
+from app.worker_context import WorkerContext, current_context
 
 logger = logging.getLogger(__name__)
 
@@ -45,72 +46,65 @@ redis.call('INCRBY', KEYS[3], tonumber(ARGV[2]))
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """
-_RELEASE_IF_OWNER = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
-@app.task(name=PURGE_TASK, acks_late=False, ignore_result=True)
+@app.task(name=PURGE_TASK, acks_late=False)
 def purge() -> dict[str, Any]:
-    """Drain the Redis list into ingest batches (see the module docstring)."""
-    return drain()
+    """Drain the Redis list into ingest batches (see the module docstring).
+
+    Acknowledged early: a purge killed mid-run is not redelivered, the next scheduled run (beat,
+    every ``purge-delay`` seconds) carries on from what is still in the list.
+    """
+    return drain(current_context(app))
 
 
-def drain(*, budget_s: float = PURGE_RUN_BUDGET_S) -> dict[str, Any]:
+def drain(context: WorkerContext, *, budget_s: float = PURGE_RUN_BUDGET_S) -> dict[str, Any]:
     """One purge run; returns what it moved. Usable outside Celery (tests, the command line)."""
-    settings = runtime.settings()
-    client = runtime.redis_client()
-    lock_key = settings.key("purge", "lock")
-    offset_key = settings.key("purge", "offset")
-    epoch_key = settings.key("purge", "epoch")
-    list_key = settings.analytics_key
-    chunk_size = settings.delivery.purge_chunk_size
-    lock_ttl_ms = int(settings.delivery.purge_lock_ttl_s * 1000)
-    token = uuid.uuid4().hex
-    if not client.set(lock_key, token, nx=True, px=lock_ttl_ms):
+    settings = context.settings
+    client = context.redis
+    lock = RedisLock(
+        client,
+        settings.key("purge", "lock"),
+        ttl_ms=int(settings.delivery.purge_lock_ttl_s * 1000),
+    )
+    if not lock.acquire():
         return {"status": "busy", "records": 0, "batches": 0}
-    client.set(epoch_key, uuid.uuid4().hex[:12], nx=True)
-    epoch = client.get(epoch_key)
-    epoch_text = as_text(epoch) if epoch else "0"
-    trim = client.register_script(_TRIM_IF_OWNER)
     records = batches = 0
     status = "drained"
-    deadline = time.monotonic() + budget_s
     try:
+        epoch = _epoch(context)
+        trim = client.register_script(_TRIM_IF_OWNER)
+        keys = [lock.key, settings.analytics_key, settings.key("purge", "offset")]
+        deadline = time.monotonic() + budget_s
         while True:
             if time.monotonic() >= deadline:
                 status = "budget"
                 break
-            offset = int(client.get(offset_key) or 0)
-            items = [as_bytes(item) for item in client.lrange(list_key, 0, chunk_size - 1)]
-            if not items:
+            offset = int(client.get(keys[2]) or 0)
+            chunk = client.lrange(keys[1], 0, settings.delivery.purge_chunk_size - 1)
+            if not chunk:
                 break
-            batch_id = f"{epoch_text}-{offset}"
-            send_ingest(batch_id, encode_go_envelope(batch_id, items))
-            if not trim(
-                keys=[lock_key, list_key, offset_key], args=[token, len(items), lock_ttl_ms]
-            ):
+            batch_id = f"{epoch}-{offset}"
+            envelope = encode_go_envelope(batch_id, [as_bytes(item) for item in chunk])
+            context.sender.send_ingest(context.sender.envelope_ref(batch_id, envelope))
+            if not trim(keys=keys, args=[lock.token, len(chunk), lock.ttl_ms]):
                 logger.warning("purge: lock lost after enqueuing batch %s; stopping", batch_id)
                 status = "lock-lost"
                 break
-            records += len(items)
+            records += len(chunk)
             batches += 1
     finally:
-        client.eval(_RELEASE_IF_OWNER, 1, lock_key, token)
+        lock.release()
         if records:
-            client.hincrby(settings.key("stats"), "purged_records", records)
+            context.stats.add({Counter.PURGED_RECORDS: records})
     if records:
         logger.info("purge: moved %d records in %d batches (%s)", records, batches, status)
     return {"status": status, "records": records, "batches": batches}
 
 
-def send_ingest(batch_id: str, envelope: bytes) -> None:
-    """Enqueue an ingest task for ``envelope``: by key when the broker is Redis, else inline."""
-    settings = runtime.settings()
-    if settings.batches_on_broker:
-        store = EnvelopeStore(runtime.broker_redis_client(), settings.key_prefix)
-        key = store.put(batch_id, envelope)
-        app.send_task(INGEST_TASK, kwargs={"stored": key}, queue=INGEST_QUEUE)
-    else:
-        app.send_task(INGEST_TASK, args=(envelope,), queue=INGEST_QUEUE)
+def _epoch(context: WorkerContext) -> str:
+    # Batch ids are <epoch>-<offset>; the epoch is fixed the first time the list is purged.
+    epoch_key = context.settings.key("purge", "epoch")
+    context.redis.set(epoch_key, uuid.uuid4().hex[:12], nx=True)
+    epoch = context.redis.get(epoch_key)
+    return as_text(epoch) if epoch else "0"

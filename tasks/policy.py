@@ -1,0 +1,152 @@
+"""The delivery policy, in one place: how a task that carries a batch retries, backs off, gives
+up, and never drops its message.
+
+* Redis trouble (``RedisError``) or a soft time limit that lands outside a sink's own call puts
+  the task back for later (:func:`puts_back_on_trouble`), with the backoff of the ``delivery:``
+  settings.
+* Putting back never lets the message be dropped. Celery's ``Task.retry`` publishes a new message
+  and, if that publish fails, raises ``Reject(requeue=False)``, which deletes the original: a
+  broker hiccup would lose the batch. :meth:`DeliveryTask.put_back` turns that case into
+  ``Reject(requeue=True)``; if even that cannot reach the broker, the message stays
+  unacknowledged and comes back after the visibility timeout.
+* A failed write is retried up to the pump's ``max-retries`` and then kept as a dead letter
+  (:meth:`DeliveryTask.retry_or_dead_letter`); every outcome adds to the named counters of
+  :mod:`app.stores.stats`.
+* Bytes that a task names but that are gone from Redis are reported (a ``lost`` dead letter,
+  ``lost_batches``), never taken for done (:meth:`DeliveryTask.load_batch`).
+
+Acknowledgement itself is global (``task_acks_late``, ``task_reject_on_worker_lost`` in
+``celeryconfig``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, NoReturn, ParamSpec, TypeVar
+
+import redis
+from celery import Task
+from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+
+from app.backoff import backoff_s
+from app.messages import BatchRef
+from app.stores.batches import BatchLostError, ByteStore
+from app.stores.stats import PumpCounter, per_pump
+from app.worker_context import WorkerContext, current_context
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class DeliveryTask(Task):  # type: ignore[misc]
+    """Base of the tasks that carry batches (ingest, write); see the module docstring."""
+
+    max_retries = None  # puts back as long as it takes; write attempts have their own budget
+
+    @property
+    def context(self) -> WorkerContext:
+        """This worker process's context."""
+        return current_context(self.app)
+
+    @property
+    def attempt(self) -> int:
+        """Which delivery of this message is running (1 for the first)."""
+        return int(self.request.retries) + 1
+
+    def backoff_s(self) -> float:
+        """How long to wait before the next attempt, from the ``delivery:`` settings."""
+        delivery = self.context.settings.delivery
+        return backoff_s(
+            self.request.retries,
+            base_s=delivery.retry_backoff_base_s,
+            max_s=delivery.retry_backoff_max_s,
+        )
+
+    def put_back(self, exc: BaseException | None, *, countdown_s: float | None = None) -> NoReturn:
+        """Run this task again later; never lets its message be dropped."""
+        try:
+            wait_s = self.backoff_s() if countdown_s is None else countdown_s
+            raise self.retry(countdown=wait_s, exc=exc)
+        except Retry:
+            raise
+        except Exception as publish_error:
+            raise Reject(f"retry not published: {publish_error}", requeue=True) from publish_error
+
+    def load_batch(self, ref: BatchRef, store: ByteStore | None, *, group: str) -> bytes | None:
+        """The batch's bytes, or None when there is nothing to do: a copy of this task already
+        finished with them, or they are gone from Redis (then reported as a ``lost`` entry)."""
+        try:
+            data = ref.load(store)
+        except BatchLostError as exc:
+            self.context.dead_letters.put_lost(group, ref.name, str(exc))
+            return None
+        if data is None:
+            logger.info("%s: batch %s was already done by another copy", group, ref.name)
+        return data
+
+    def retry_or_dead_letter(
+        self, pump: str, batch_id: str, clean: bytes, *, records: int, error: Exception
+    ) -> dict[str, Any]:
+        """A write failed: retry it with backoff, or keep the batch as a dead letter once the
+        pump's ``max-retries`` are spent."""
+        context = self.context
+        if self.request.retries >= context.settings.pumps[pump].max_retries:
+            self.dead_letter(pump, batch_id, clean, records=records, error=str(error))
+            return {"batch": batch_id, "written": 0, "dead_lettered": records}
+        countdown_s = self.backoff_s()
+        logger.warning(
+            "pump %s: batch %s attempt %d failed (%s); retrying in %.1fs",
+            pump,
+            batch_id,
+            self.attempt,
+            error,
+            countdown_s,
+        )
+        context.stats.add({per_pump(PumpCounter.RETRIES, pump): 1})
+        self.put_back(error, countdown_s=countdown_s)
+
+    def dead_letter(
+        self, pump: str, batch_id: str, clean: bytes, *, records: int, error: str
+    ) -> None:
+        """Keep a whole batch that ``pump`` could not write, with the error."""
+        self.context.dead_letters.put_batch(
+            pump,
+            batch_id,
+            clean,
+            stage="write",
+            attempts=self.attempt,
+            error=error,
+            record_count=records,
+        )
+        logger.error(
+            "pump %s: batch %s dead-lettered after %d attempt(s): %s",
+            pump,
+            batch_id,
+            self.attempt,
+            error,
+        )
+
+
+def puts_back_on_trouble(body: Callable[P, R]) -> Callable[P, R]:
+    """Wrap a bound task's body: Redis trouble or a stray soft time limit puts the task back."""
+
+    @functools.wraps(body)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        task = args[0]
+        assert isinstance(task, DeliveryTask)
+        try:
+            return body(*args, **kwargs)
+        except redis.RedisError as exc:
+            logger.warning("%s: Redis unavailable (%s); batch put back", task.name, exc)
+            task.put_back(exc)
+        except SoftTimeLimitExceeded as exc:
+            # Outside a sink's own call (which counts as a failed write): decoding, dead
+            # letters, the release. Try again rather than let the task fail and be acknowledged.
+            logger.warning("%s: the time limit ran out around the write; put back", task.name)
+            task.put_back(exc)
+
+    return run
