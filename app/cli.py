@@ -21,8 +21,10 @@ from typing import Any
 
 import yaml
 
-from app.config import CONFIG_ENV_VAR, Settings, load_settings, masked, warn_ignored_keys
+from app.config import CONFIG_ENV_VAR, Settings, masked, warn_ignored_keys
 from app.errors import ConfigError
+from app.stores.clients import broker_redis_client, redis_client
+from pumps.settings import load_pump_settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EXIT_OK = 0
@@ -60,7 +62,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     """Load the config named on the command line; also make it the one Celery reads."""
     if args.config:
         os.environ[CONFIG_ENV_VAR] = os.path.abspath(args.config)
-    settings = load_settings(args.config)
+    settings = load_pump_settings(args.config)
     _configure_logging(settings)
     warn_ignored_keys(settings)
     return settings
@@ -75,7 +77,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from app.health import HealthServer
-    from app.runtime import redis_client
 
     settings = _settings(args)
     env = dict(os.environ, REMAP_SIGTERM="SIGQUIT")
@@ -145,9 +146,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from app.health import HealthChecker
-    from app.redis_values import as_text
-    from app.runtime import redis_client
-    from tasks.dead_letters import DeadLetterStore
+    from app.stores.batches import BatchStore, EnvelopeStore
+    from app.stores.dead_letters import DeadLetterStore
+    from app.stores.stats import Stats
 
     settings = _settings(args)
     client = redis_client(settings)
@@ -160,16 +161,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if report.checks["redis"] != "ok":
         return EXIT_FAILED
     print(f"redis list {settings.analytics_key}: {client.llen(settings.analytics_key)} records")
-    stats = {as_text(k): int(v) for k, v in client.hgetall(settings.key("stats")).items()}
+    stats = Stats(client, settings).read().values
     for key in sorted(stats):
         print(f"  {key:<40} {stats[key]}")
-    if settings.batches_on_broker:
-        from app.runtime import broker_redis_client
-        from tasks.batches import BatchStore, EnvelopeStore
-
-        broker = broker_redis_client(settings)
+    broker = broker_redis_client(settings)
+    if broker is not None:
         waiting = EnvelopeStore(broker, settings.key_prefix).waiting()
-        held = BatchStore(broker, settings).held()
+        held = BatchStore(broker, settings.key_prefix).held()
         print(f"batches kept on the broker: {waiting} waiting for ingest, {held} for pumps")
     store = DeadLetterStore(client, settings)
     for group in store.groups():

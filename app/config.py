@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,9 @@ DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S = 10.0
 HARD_LIMIT_GRACE_S = 5
 #: The Redis transport redelivers unacknowledged tasks after this margin past the longest task.
 VISIBILITY_MARGIN_S = 30
+
+#: Checks the raw ``pumps:`` mapping's ``meta`` blocks; returns (key path, message) pairs.
+MetaProblems = Callable[[Any], list[tuple[str, str]]]
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_KEY_HINTS = ("password", "secret", "token", "api_key", "apikey", "credential")
@@ -395,22 +399,37 @@ def broker_is_redis(broker_url: str) -> bool:
     return urlsplit(broker_url).scheme in ("redis", "rediss")
 
 
-def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Read, expand and validate the configuration; raise :class:`ConfigError` on any problem."""
+def load_settings(
+    path: str | os.PathLike[str] | None = None, *, meta_problems: MetaProblems | None = None
+) -> Settings:
+    """Read, expand and validate the configuration; raise :class:`ConfigError` on any problem.
+
+    ``meta_problems`` as for :func:`parse_settings`.
+    """
     chosen = config_path(path)
     if chosen is None:
-        return parse_settings(default_config_text(), source="<embedded default>")
+        return parse_settings(
+            default_config_text(), source="<embedded default>", meta_problems=meta_problems
+        )
     try:
         text = Path(chosen).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(
             [("", f"cannot read config file: {exc.strerror}")], source=chosen
         ) from exc
-    return parse_settings(text, source=chosen)
+    return parse_settings(text, source=chosen, meta_problems=meta_problems)
 
 
-def parse_settings(text: str, *, source: str = "") -> Settings:
-    """Validate YAML text into :class:`Settings`, including every pump's ``meta``."""
+def parse_settings(
+    text: str, *, source: str = "", meta_problems: MetaProblems | None = None
+) -> Settings:
+    """Validate YAML text into :class:`Settings`.
+
+    Each pump's ``meta`` is the pump class's to check: ``meta_problems`` (the pump registry's,
+    :func:`pumps.settings.load_pump_settings`) reports its problems together with the rest of
+    the file's. Without it ``meta`` is not looked at, so the reporter, which needs none of the
+    pumps, imports no sink driver to read the file.
+    """
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -425,8 +444,9 @@ def parse_settings(text: str, *, source: str = "") -> Settings:
     try:
         settings = Settings.model_validate({**raw, "source": source})
     except ValidationError as exc:
-        problems += _problems(exc)
-    problems += _validate_pump_meta(raw.get("pumps"))
+        problems += validation_problems(exc)
+    if meta_problems is not None:
+        problems += meta_problems(raw.get("pumps"))
     if problems or settings is None:
         raise ConfigError(problems, source=source)
     return settings
@@ -443,7 +463,10 @@ def warn_ignored_keys(settings: Settings) -> None:
         )
 
 
-def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
+def validation_problems(
+    exc: ValidationError, prefix: tuple[str | int, ...] = ()
+) -> list[tuple[str, str]]:
+    """Every error of a pydantic validation as a (key path, message) pair, secrets masked."""
     problems = []
     for error in exc.errors():
         location = [str(part) for part in (*prefix, *error["loc"])]
@@ -463,34 +486,6 @@ def _shown_value(location: list[str], value: Any) -> str:
     if isinstance(value, str) and "://" in value:
         value = mask_url(value)
     return f"{value!r:.80}"
-
-
-def _validate_pump_meta(pumps: Any) -> list[tuple[str, str]]:
-    # Runs on the raw mapping, so a bad pump type or meta is reported together with every
-    # other problem of the file.
-    from pumps.errors import PumpConfigError, PumpUnavailableError
-    from pumps.registry import resolve_pump_class
-
-    if not isinstance(pumps, dict):
-        return []
-    problems: list[tuple[str, str]] = []
-    for name, entry in pumps.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
-            continue
-        try:
-            pump_class = resolve_pump_class(entry["type"])
-        except PumpUnavailableError:
-            # Only that pump fails, at write time, naming the extra to install.
-            continue
-        except PumpConfigError as exc:
-            problems.append((f"pumps.{name}.type", str(exc)))
-            continue
-        meta = entry.get("meta") or {}
-        try:
-            pump_class.Meta.model_validate(meta)
-        except ValidationError as exc:
-            problems += _problems(exc, ("pumps", name, "meta"))
-    return problems
 
 
 def masked(settings: Settings) -> dict[str, Any]:

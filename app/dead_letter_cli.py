@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 
 from app.codec import decode_clean_batch
 from app.config import Settings
-from tasks.dead_letters import DeadLetter, DeadLetterStore
+from app.messages import BatchRef, Sender, pump_queue
+from app.stores.clients import redis_client
+from app.stores.dead_letters import DeadLetter, DeadLetterStore
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -49,8 +51,6 @@ def _age(entry: DeadLetter) -> str:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Carry out one ``dead-letters`` action."""
-    from app.runtime import redis_client
-
     store = DeadLetterStore(redis_client(settings), settings)
     if args.action == "list":
         return _list(store, args.group)
@@ -121,27 +121,20 @@ def _selected(store: DeadLetterStore, args: argparse.Namespace) -> list[DeadLett
 
 def _replay(store: DeadLetterStore, settings: Settings, args: argparse.Namespace) -> int:
     from app.celery_app import app
-    from tasks.names import WRITE_TASK, pump_queue
 
     entries = _selected(store, args)
     if entries is None:
         return EXIT_USAGE
-    entry_config = settings.pumps.get(args.group)
-    if entry_config is None:
+    if args.group not in settings.pumps:
         print(f"{args.group!r} is not a configured pump; its entries cannot be replayed")
         return EXIT_FAILED
+    sender = Sender(app, pumps=settings.pumps)
     replayed = 0
     for entry in entries:
         if not entry.replayable or entry.payload is None:
             print(f"{entry.id}: not replayable (malformed input is kept for inspection)")
             continue
-        app.send_task(
-            WRITE_TASK,
-            args=(args.group, entry.payload),
-            queue=pump_queue(args.group),
-            soft_time_limit=entry_config.timeout_s,
-            time_limit=entry_config.hard_time_limit_s,
-        )
+        sender.send_write(args.group, BatchRef(inline=entry.payload))
         store.delete(args.group, [entry.id])
         replayed += 1
         print(f"{entry.id}: {entry.record_count} record(s) sent to {pump_queue(args.group)}")

@@ -24,30 +24,32 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.config import Settings
-from app.redis_values import as_text
-from pumps.base import Pump
-from pumps.errors import PumpError
-from pumps.registry import resolve_pump_class
-from tasks.names import INGEST_QUEUE, PURGE_QUEUE, pump_queue
+from app.messages import INGEST_QUEUE, PURGE_QUEUE, pump_queue
+from app.stores.dead_letters import DeadLetterStore
+from app.stores.stats import Counter, PumpCounter, Stats
+from pumps.host import PumpHost
 
 logger = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 2.0
 _COUNTERS = {
-    "ingested_batches": ("iam_pump_ingested_batches", "Batches validated and fanned out."),
-    "ingested_records": ("iam_pump_ingested_records", "Records validated and fanned out."),
-    "malformed_records": ("iam_pump_malformed_records", "Records set aside as malformed."),
-    "purged_records": ("iam_pump_purged_records", "Records moved off iam's Redis list."),
-    "lost_batches": (
+    Counter.INGESTED_BATCHES: ("iam_pump_ingested_batches", "Batches validated and fanned out."),
+    Counter.INGESTED_RECORDS: ("iam_pump_ingested_records", "Records validated and fanned out."),
+    Counter.MALFORMED_RECORDS: ("iam_pump_malformed_records", "Records set aside as malformed."),
+    Counter.PURGED_RECORDS: ("iam_pump_purged_records", "Records moved off iam's Redis list."),
+    Counter.LOST_BATCHES: (
         "iam_pump_lost_batches",
         "Batches whose bytes vanished from the broker's Redis before a task read them.",
     ),
 }
 _PER_PUMP_COUNTERS = {
-    "written_records": ("iam_pump_written_records", "Records written by a pump."),
-    "written_batches": ("iam_pump_written_batches", "Batches written by a pump."),
-    "retries": ("iam_pump_write_retries", "Write attempts that failed and were retried."),
-    "dead_lettered_records": ("iam_pump_dead_lettered_records", "Records sent to dead letters."),
+    PumpCounter.WRITTEN_RECORDS: ("iam_pump_written_records", "Records written by a pump."),
+    PumpCounter.WRITTEN_BATCHES: ("iam_pump_written_batches", "Batches written by a pump."),
+    PumpCounter.RETRIES: ("iam_pump_write_retries", "Write attempts that failed and were retried."),
+    PumpCounter.DEAD_LETTERED_RECORDS: (
+        "iam_pump_dead_lettered_records",
+        "Records sent to dead letters.",
+    ),
 }
 
 
@@ -71,20 +73,20 @@ class HealthReport:
 
 
 class HealthChecker:
-    """Runs the checks; pump instances are made once and reused between checks."""
+    """Runs the checks. Pumps are opened, checked and closed by a :class:`PumpHost` of its own,
+    the same object a worker uses, so a check sees a pump exactly as a write would."""
 
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         self.settings = settings
         self.redis = client
-        self._pumps: dict[str, Pump] = {}
-        self._lock = threading.Lock()
+        self.pumps = PumpHost(settings)
 
     def check(self) -> HealthReport:
         report = HealthReport()
         report.checks["redis"] = self._check_redis()
         report.checks["broker"] = self._check_broker()
-        for name in self.settings.enabled_pumps:
-            report.checks[f"pump:{name}"] = self._check_pump(name)
+        for name, result in self.pumps.check_all().items():
+            report.checks[f"pump:{name}"] = result
         return report
 
     def _check_redis(self) -> str:
@@ -103,31 +105,8 @@ class HealthChecker:
         except Exception as exc:
             return f"broker did not answer: {exc}"
 
-    def _check_pump(self, name: str) -> str:
-        entry = self.settings.pumps[name]
-        try:
-            with self._lock:
-                instance = self._pumps.get(name)
-                if instance is None:
-                    instance = resolve_pump_class(entry.type).create(
-                        name, entry.meta, timeout_s=min(entry.timeout_s, CHECK_TIMEOUT_S)
-                    )
-                    self._pumps[name] = instance
-            instance.check()
-            return "ok"
-        except PumpError as exc:
-            return str(exc)
-        except Exception as exc:
-            return f"{type(exc).__name__}: {exc}"
-
     def close(self) -> None:
-        with self._lock:
-            for instance in self._pumps.values():
-                try:
-                    instance.close()
-                except Exception:
-                    logger.exception("closing %r after health checks failed", instance)
-            self._pumps.clear()
+        self.pumps.close()
 
 
 class PumpMetrics(Collector):
@@ -139,10 +118,7 @@ class PumpMetrics(Collector):
 
     def collect(self) -> Iterator[Any]:
         try:
-            stats = {
-                as_text(key): int(value)
-                for key, value in self.redis.hgetall(self.settings.key("stats")).items()
-            }
+            stats = Stats(self.redis, self.settings).read()
         except redis.RedisError as exc:
             logger.warning("metrics: Redis did not answer: %s", exc)
             up = GaugeMetricFamily("iam_pump_redis_up", "1 when Redis answered the scrape.")
@@ -154,15 +130,13 @@ class PumpMetrics(Collector):
         yield up
         for key, (name, documentation) in _COUNTERS.items():
             counter = CounterMetricFamily(name, documentation)
-            counter.add_metric([], stats.get(key, 0))
+            counter.add_metric([], stats.total(key))
             yield counter
-        for key, (name, documentation) in _PER_PUMP_COUNTERS.items():
-            label = "group" if key == "dead_lettered_records" else "pump"
+        for pump_key, (name, documentation) in _PER_PUMP_COUNTERS.items():
+            label = "group" if pump_key is PumpCounter.DEAD_LETTERED_RECORDS else "pump"
             counter = CounterMetricFamily(name, documentation, labels=[label])
-            for stat, value in stats.items():
-                prefix, _, pump_name = stat.partition(":")
-                if prefix == key and pump_name:
-                    counter.add_metric([pump_name], value)
+            for pump_name, value in stats.by_pump(pump_key).items():
+                counter.add_metric([pump_name], value)
             yield counter
         backlog = GaugeMetricFamily(
             "iam_pump_redis_list_length", "Records waiting in iam's Redis list."
@@ -181,8 +155,6 @@ class PumpMetrics(Collector):
             for name in names:
                 queues.add_metric([name], int(self.redis.llen(name)))
             yield queues
-        from tasks.dead_letters import DeadLetterStore
-
         store = DeadLetterStore(self.redis, self.settings)
         entries = GaugeMetricFamily(
             "iam_pump_dead_letter_entries", "Dead-letter entries kept.", labels=["group"]

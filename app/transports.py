@@ -19,8 +19,8 @@ from celery import Celery
 from app.codec import encode_envelope, encode_go_row
 from app.config import broker_is_redis
 from app.errors import ShipError
-from tasks.batches import EnvelopeStore
-from tasks.names import INGEST_QUEUE, INGEST_TASK
+from app.messages import Sender
+from app.stores.batches import EnvelopeStore
 
 #: What msgpack raises for a value it cannot encode; a transport lets these through, unwrapped,
 #: so the reporter can set the offending record aside.
@@ -42,7 +42,9 @@ class CeleryTransport:
     """Sends each batch as one ``ingest`` task through the Celery broker.
 
     With a Redis broker and a ``key_prefix``, the envelope is kept on the broker's Redis and the
-    task names its key (tasks/batches.py); otherwise the task carries the envelope's bytes.
+    task names its key (app/stores/batches.py); otherwise the task carries the envelope's bytes.
+    The app is the reporter's own, never made current: the host application's Celery setup, if
+    it has one, is left alone.
     """
 
     def __init__(self, broker_url: str, *, key_prefix: str | None = None) -> None:
@@ -58,21 +60,16 @@ class CeleryTransport:
         )
         self._local = threading.local()
         self._redis: redis.Redis | None = None
-        self._envelopes: EnvelopeStore | None = None
+        envelopes = None
         if key_prefix is not None and broker_is_redis(broker_url):
             self._redis = _redis_client(broker_url)
-            self._envelopes = EnvelopeStore(self._redis, key_prefix)
+            envelopes = EnvelopeStore(self._redis, key_prefix)
+        self._sender = Sender(self._app, envelopes=envelopes, retry=False)
 
     def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None:
         payload = self._packed(batch_id, rows)
         try:
-            if self._envelopes is not None:
-                key = self._envelopes.put(batch_id, payload)
-                self._app.send_task(
-                    INGEST_TASK, kwargs={"stored": key}, queue=INGEST_QUEUE, retry=False
-                )
-            else:
-                self._app.send_task(INGEST_TASK, args=(payload,), queue=INGEST_QUEUE, retry=False)
+            self._sender.send_ingest(self._sender.envelope_ref(batch_id, payload))
         except Exception as exc:
             raise ShipError(f"broker did not take batch {batch_id}: {exc}") from exc
         self._local.packed = None

@@ -45,7 +45,7 @@ from benchlib import (
     write_config,
 )
 
-from tasks.names import INGEST_QUEUE, pump_queue
+from app.messages import INGEST_QUEUE, pump_queue
 
 TITLE = "3. end to end into CSV"
 RATE_TARGET = 50_000.0

@@ -38,7 +38,7 @@ from benchlib import (
 )
 from scale_out import fill
 
-from tasks.names import INGEST_QUEUE
+from app.messages import INGEST_QUEUE
 
 PY_SPY = str(Path(BENCH_DIR.parent / ".venv" / "bin" / "py-spy"))
 SAMPLE_RATE_HZ = 250

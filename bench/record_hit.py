@@ -45,7 +45,7 @@ from benchlib import (
 )
 
 from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
-from tasks.names import INGEST_QUEUE
+from app.messages import INGEST_QUEUE
 
 TITLE = "1. record_hit cost"
 MEDIAN_RATIO_TARGET = 3.0

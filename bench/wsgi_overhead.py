@@ -35,7 +35,7 @@ from benchlib import (
     session,
 )
 
-from tasks.names import INGEST_QUEUE
+from app.messages import INGEST_QUEUE
 
 TITLE = "6. application overhead (gunicorn + wrk)"
 TOLERANCE = 0.05

@@ -43,19 +43,16 @@ def procs() -> Iterator[list[Proc]]:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test reads its own config: clear the per-process caches around it."""
-    from app import runtime
+def _fresh_context(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test reads its own config: no worker context carries over from another test."""
+    from app.worker_context import close_context
     from pumps.memory import MemoryPump
 
     monkeypatch.delenv("IAM_PUMP_CONFIG", raising=False)
-    runtime.settings.cache_clear()
-    runtime.pipeline.cache_clear()
+    close_context()
     MemoryPump.reset()
     yield
-    runtime.close_pumps()
-    runtime.settings.cache_clear()
-    runtime.pipeline.cache_clear()
+    close_context()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
 from app.codec import encode_go_record
 from app.config import parse_settings
 from app.record import GO_FIELD_NAMES
-from tasks.dead_letters import DeadLetterStore
+from app.stores.dead_letters import DeadLetterStore
 from tests.faults.conftest import fault_config
 from tests.faults.helpers import await_delivery, make_records
 from tests.support import Proc, start_beat, start_worker, wait_until, write_config

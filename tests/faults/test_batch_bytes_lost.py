@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.config import load_settings
-from tasks.batches import BatchStore, EnvelopeStore
-from tasks.dead_letters import DeadLetterStore
+from app.stores.batches import BatchStore, EnvelopeStore
+from app.stores.dead_letters import DeadLetterStore
+from pumps.settings import load_pump_settings
 from tests.faults.conftest import fault_config
 from tests.faults.helpers import make_records, report, requests_in
 from tests.support import Proc, run_cli, start_worker, wait_until, write_config
@@ -33,9 +33,9 @@ def test_evicted_batch_bytes_are_reported_and_the_rest_delivered(
             pumps={"csv": {"type": "csv", "meta": {"csv_dir": str(csv_dir)}}},
         ),
     )
-    settings = load_settings(config)
+    settings = load_pump_settings(config)
     envelopes = EnvelopeStore(faults_db, settings.key_prefix)
-    batches = BatchStore(faults_db, settings)
+    batches = BatchStore(faults_db, settings.key_prefix)
     records = make_records("evict", 1000)
     report(records, config)
     assert envelopes.waiting() == 10

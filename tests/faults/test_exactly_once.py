@@ -13,7 +13,7 @@ import redis
 from pymongo.database import Database
 
 from app.config import parse_settings
-from tasks.dead_letters import DeadLetterStore
+from app.stores.dead_letters import DeadLetterStore
 from tests.faults.conftest import fault_config
 from tests.faults.helpers import make_records, report
 from tests.stores import mongo_url_for

@@ -50,7 +50,7 @@ def test_overrunning_write(
         worker.output()[-3000:]
     )
     [raw] = faults_db.hvals("iam-pump:dead-letters:slow")
-    from tasks.dead_letters import DeadLetter
+    from app.stores.dead_letters import DeadLetter
 
     entry = DeadLetter.unpack(raw)
     assert entry.record_count == 10

@@ -22,8 +22,8 @@ import redis
 from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
 from app.codec import encode_go_record
 from app.config import load_settings, parse_settings
+from app.stores.batches import BatchStore, EnvelopeStore
 from pumps.csv import go_time_string
-from tasks.batches import BatchStore, EnvelopeStore
 from tests.support import (
     REPO,
     Proc,
@@ -79,7 +79,7 @@ def kept_bytes(client: redis.Redis) -> int:
     """Envelopes and clean batches still kept on the broker (0 once everything is delivered)."""
     settings = parse_settings("pumps: {out: {type: stdout}}")  # the default key prefix
     envelopes = EnvelopeStore(client, settings.key_prefix)
-    return envelopes.waiting() + BatchStore(client, settings).held()
+    return envelopes.waiting() + BatchStore(client, settings.key_prefix).held()
 
 
 def report(records: list[AnalyticsRecord], config_path: Path) -> None:
@@ -290,7 +290,7 @@ def test_iam_pump_run_serves_health_and_metrics_and_runs_the_pipeline(
 def test_health_names_what_is_broken(tmp_path: Path, redis_db: redis.Redis) -> None:
     from app.config import parse_settings
     from app.health import HealthChecker
-    from app.runtime import redis_client
+    from app.stores.clients import redis_client
 
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
@@ -314,6 +314,42 @@ def test_health_names_what_is_broken(tmp_path: Path, redis_db: redis.Redis) -> N
     body = checker.check().as_dict()
     assert body["status"] == "unhealthy" and {"redis", "broker"} <= set(body["failing"])
     checker.close()
+
+
+def test_healthz_is_200_with_mongodb_and_elasticsearch_pumps_and_their_servers_up(
+    tmp_path: Path, redis_db: redis.Redis, mongo_uri: str, es_url: str
+) -> None:
+    """The health server opens its pumps before it checks them (it used to answer "not open")."""
+    from app.health import HealthServer
+    from app.stores.clients import redis_client
+    from pumps.settings import parse_pump_settings
+    from tests.stores import mongo_url_for
+
+    database = f"health_{uuid.uuid4().hex[:8]}"
+    config = base_config(
+        tmp_path,
+        pumps={
+            "mongo": {"type": "mongo", "meta": {"mongo_url": mongo_url_for(database)}},
+            "es": {
+                "type": "elasticsearch",
+                "meta": {"elasticsearch_url": es_url, "index_name": database},
+            },
+        },
+    )
+    settings = parse_pump_settings(json.dumps(config))
+    server = HealthServer(settings, redis_client(settings))
+    server.start()
+    try:
+        status, body = get_json("http://{}:{}/healthz".format(*server.address))
+    finally:
+        server.stop()
+    assert status == 200, body
+    assert body["checks"] == {
+        "redis": "ok",
+        "broker": "ok",
+        "pump:mongo": "ok",
+        "pump:es": "ok",
+    }
 
 
 def test_iam_pump_run_refuses_a_bad_config(tmp_path: Path) -> None:
@@ -361,7 +397,7 @@ def test_tasks_name_batches_kept_once_until_every_pump_wrote_them(
         ),
     )
     settings = load_settings(config)
-    store = BatchStore(redis_db, settings)
+    store = BatchStore(redis_db, settings.key_prefix)
     envelopes = EnvelopeStore(redis_db, settings.key_prefix)
     # No worker yet: the reporter's ingest tasks name envelopes kept on the broker.
     records = [make_record("kept", i) for i in range(3000)]
@@ -369,9 +405,9 @@ def test_tasks_name_batches_kept_once_until_every_pump_wrote_them(
     assert redis_db.llen("ingest") >= 1
     for raw in redis_db.lrange("ingest", 0, -1):
         args, kwargs = task_arguments(raw)
-        assert args == [] and set(kwargs) == {"stored"}
+        assert args == [] and set(kwargs) == {"ref"} and set(kwargs["ref"]) == {"key"}
         assert len(raw) < 4096, "an ingest task carries the envelope's key, not its bytes"
-        assert envelopes.take(kwargs["stored"])
+        assert envelopes.load(kwargs["ref"]["key"])
     assert envelopes.waiting() == redis_db.llen("ingest")
 
     # Only ingest runs: the write tasks wait in the pump queues.
@@ -380,9 +416,9 @@ def test_tasks_name_batches_kept_once_until_every_pump_wrote_them(
     assert wait_until(lambda: redis_db.llen("pump.csv") == redis_db.llen("pump.mem"), 30)
     for raw in redis_db.lrange("pump.csv", 0, -1):
         args, kwargs = task_arguments(raw)
-        assert args == ["csv"] and set(kwargs) == {"stored"}
-        assert len(raw) < 4096, "a write task carries the batch's id, not its bytes"
-        assert store.holders(kwargs["stored"]) == ["csv", "mem"]
+        assert args == ["csv"] and set(kwargs) == {"ref"} and set(kwargs["ref"]) == {"key"}
+        assert len(raw) < 4096, "a write task carries the batch's key, not its bytes"
+        assert store.holders(kwargs["ref"]["key"]) == ["csv", "mem"]
 
     procs.append(start_worker(config, tmp_path / "pumps.log", queues="pump.csv,pump.mem"))
     assert wait_until(lambda: len(read_csv_rows(tmp_path / "csv")) >= len(records), 60)
