@@ -81,26 +81,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     env = dict(os.environ, REMAP_SIGTERM="SIGQUIT")
     with tempfile.TemporaryDirectory(prefix="iam-pump-") as state_dir:
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "app",
-            "worker",
-            "--beat",
-            "-s",
-            os.path.join(state_dir, "beat-schedule"),
-            "-l",
-            args.loglevel or settings.log.python_level,
-        ]
-        if args.concurrency:
-            command += ["-c", str(args.concurrency)]
         health = HealthServer(settings, redis_client(settings))
         health.start()
         # Its own session: a Ctrl+C in the terminal reaches this process only, which then asks
         # the worker for one soft shutdown (a second signal would make it a cold one).
-        worker = subprocess.Popen(command, env=env, start_new_session=True)
+        worker = subprocess.Popen(
+            _worker_command(args, settings, state_dir), env=env, start_new_session=True
+        )
         demo = None
         if args.demo:
             from app.demo import DemoProducer
@@ -108,16 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             demo = DemoProducer(settings, rate_per_s=args.demo_rate)
             demo.start()
             print(f"demo producer: {args.demo_rate} records/s; Ctrl+C to stop", flush=True)
-        stopping = False
-
-        def stop(signum: int, frame: Any) -> None:
-            nonlocal stopping
-            stopping = True
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        while not stopping and worker.poll() is None:
-            time.sleep(0.2)
+        _wait_for_a_stop_signal(worker)
         if demo is not None:
             demo.stop()
         if worker.poll() is None:
@@ -125,6 +103,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         code = worker.wait()
         health.stop()
         return code if code >= 0 else EXIT_FAILED
+
+
+def _worker_command(args: argparse.Namespace, settings: Settings, state_dir: str) -> list[str]:
+    # One worker with an embedded beat; the schedule file lives as long as the run.
+    command = [sys.executable, "-m", "celery", "-A", "app", "worker", "--beat"]
+    command += ["-s", os.path.join(state_dir, "beat-schedule")]
+    command += ["-l", args.loglevel or settings.log.python_level]
+    if args.concurrency:
+        command += ["-c", str(args.concurrency)]
+    return command
+
+
+def _wait_for_a_stop_signal(worker: subprocess.Popen[bytes]) -> None:
+    # Until SIGTERM or SIGINT arrives, or the worker exits by itself.
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping and worker.poll() is None:
+        time.sleep(0.2)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -182,6 +184,17 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return dead_letter_cli.run(args, settings)
 
 
+def _add_run(commands: Any, common: argparse.ArgumentParser) -> None:
+    run = commands.add_parser(
+        "run", parents=[common], help="worker + beat + health endpoint in one command"
+    )
+    run.add_argument("--demo", action="store_true", help="also run a demo producer")
+    run.add_argument("--demo-rate", type=int, default=200, help="demo records per second")
+    run.add_argument("--concurrency", type=int, default=0, help="worker processes")
+    run.add_argument("--loglevel", default=None, help="worker log level (default: log.level)")
+    run.set_defaults(func=cmd_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iam-pump",
@@ -197,14 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = commands.add_parser(
-        "run", parents=[common], help="worker + beat + health endpoint in one command"
-    )
-    run.add_argument("--demo", action="store_true", help="also run a demo producer")
-    run.add_argument("--demo-rate", type=int, default=200, help="demo records per second")
-    run.add_argument("--concurrency", type=int, default=0, help="worker processes")
-    run.add_argument("--loglevel", default=None, help="worker log level (default: log.level)")
-    run.set_defaults(func=cmd_run)
+    _add_run(commands, common)
 
     check = commands.add_parser(
         "check-config", parents=[common], help="validate the config and print it (secrets masked)"

@@ -6,6 +6,10 @@ is. ``${VAR}`` and ``${VAR:-default}`` expand from the environment; a value that
 reference to an unset variable (iam's own files use ``${REDIS_HOST}``) counts as not given, so the
 default applies. Every problem is reported with its key path, and :class:`ConfigError` is raised
 before anything touches data.
+
+The models, their defaults and the loader stay in this one module (a little over 400 lines) so
+that every key of the file and what it defaults to is read in one place; the text handling
+(``${VAR}``, Go durations, masking) lives in :mod:`app.config_text`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 import yaml
 from pydantic import (
@@ -30,6 +34,15 @@ from pydantic import (
     model_validator,
 )
 
+from app.config_text import (
+    expand_env,
+    is_secret,
+    parse_duration_s,
+    shown_value,
+)
+from app.config_text import (
+    mask_url as mask_url,
+)
 from app.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -62,19 +75,6 @@ VISIBILITY_MARGIN_S = 30
 #: Checks the raw ``pumps:`` mapping's ``meta`` blocks; returns (key path, message) pairs.
 MetaProblems = Callable[[Any], list[tuple[str, str]]]
 
-_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_SECRET_KEY_HINTS = ("password", "secret", "token", "api_key", "apikey", "credential")
-_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_GO_DURATION_UNITS_S = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
@@ -84,26 +84,6 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
     )
-
-
-def parse_duration_s(value: Any) -> float:
-    """Seconds from a number (seconds) or a Go duration string such as ``24h0m0s`` or ``1m30s``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration, got a boolean")
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return float(text)
-        except ValueError:
-            pass
-        if text and _GO_DURATION.sub("", text) == "":
-            return sum(
-                float(number) * _GO_DURATION_UNITS_S[unit]
-                for number, unit in _GO_DURATION.findall(text)
-            )
-    raise ValueError(f"expected seconds or a Go duration like '24h0m0s', got {value!r}")
 
 
 class FiltersConfig(_Model):
@@ -344,44 +324,6 @@ class Settings(_Model):
         return ":".join((self.key_prefix, *parts))
 
 
-def expand_env(value: Any, environ: dict[str, str] | None = None) -> Any:
-    """Expand ``${VAR}`` / ``${VAR:-default}`` in every string of a parsed YAML tree.
-
-    A string that is a single reference to an unset variable without a default is removed from
-    its mapping, so the key's default applies.
-    """
-    env = os.environ if environ is None else environ
-    missing = object()
-
-    def expand(item: Any) -> Any:
-        if isinstance(item, dict):
-            out = {}
-            for key, inner in item.items():
-                expanded = expand(inner)
-                if expanded is not missing:
-                    out[key] = expanded
-            return out
-        if isinstance(item, list):
-            return [inner for inner in map(expand, item) if inner is not missing]
-        if isinstance(item, str) and "${" in item:
-            whole = _ENV_REFERENCE.fullmatch(item)
-            if whole and whole.group(2) is None and not env.get(whole.group(1)):
-                return missing
-            text = _ENV_REFERENCE.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), item)
-            return _scalar(text) if whole else text
-        return item
-
-    return expand(value)
-
-
-def _scalar(text: str) -> Any:
-    # A value that was only a reference is typed like YAML would type it ("6379" -> 6379).
-    try:
-        return yaml.safe_load(text) if text.strip() else text
-    except yaml.YAMLError:
-        return text
-
-
 def default_config_text() -> str:
     """The embedded default configuration (a CSV pump under ./analytics-data)."""
     return resources.files("app").joinpath("default-config.yaml").read_text(encoding="utf-8")
@@ -474,18 +416,9 @@ def validation_problems(
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         elif "input" in error and error["type"] != "missing":
-            message = f"{message} (got {_shown_value(location, error['input'])})"
+            message = f"{message} (got {shown_value(location, error['input'])})"
         problems.append((".".join(location), message))
     return problems
-
-
-def _shown_value(location: list[str], value: Any) -> str:
-    # A bad value is echoed to name the problem, but never a secret.
-    if location and _is_secret(location[-1]):
-        return "***"
-    if isinstance(value, str) and "://" in value:
-        value = mask_url(value)
-    return f"{value!r:.80}"
 
 
 def masked(settings: Settings) -> dict[str, Any]:
@@ -495,7 +428,7 @@ def masked(settings: Settings) -> dict[str, Any]:
     def mask(item: Any) -> Any:
         if isinstance(item, dict):
             return {
-                key: "***" if _is_secret(key) and item_value else mask(item_value)
+                key: "***" if is_secret(key) and item_value else mask(item_value)
                 for key, item_value in item.items()
             }
         if isinstance(item, list):
@@ -505,17 +438,3 @@ def masked(settings: Settings) -> dict[str, Any]:
         return item
 
     return dict(mask(data))
-
-
-def _is_secret(key: str) -> bool:
-    lowered = key.lower()
-    return any(hint in lowered for hint in _SECRET_KEY_HINTS)
-
-
-def mask_url(url: str) -> str:
-    """A URL with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from app.config import Settings
 from app.messages import INGEST_QUEUE, PURGE_QUEUE, pump_queue
 from app.stores.dead_letters import DeadLetterStore
-from app.stores.stats import Counter, PumpCounter, Stats
+from app.stores.stats import Counter, PumpCounter, Stats, StatsSnapshot
 from pumps.host import PumpHost
 
 logger = logging.getLogger(__name__)
@@ -117,51 +117,57 @@ class PumpMetrics(Collector):
         self.redis = client
 
     def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily("iam_pump_redis_up", "1 when Redis answered the scrape.")
         try:
             stats = Stats(self.redis, self.settings).read()
         except redis.RedisError as exc:
             logger.warning("metrics: Redis did not answer: %s", exc)
-            up = GaugeMetricFamily("iam_pump_redis_up", "1 when Redis answered the scrape.")
             up.add_metric([], 0)
             yield up
             return
-        up = GaugeMetricFamily("iam_pump_redis_up", "1 when Redis answered the scrape.")
         up.add_metric([], 1)
         yield up
-        for key, (name, documentation) in _COUNTERS.items():
-            counter = CounterMetricFamily(name, documentation)
-            counter.add_metric([], stats.total(key))
-            yield counter
-        for pump_key, (name, documentation) in _PER_PUMP_COUNTERS.items():
-            label = "group" if pump_key is PumpCounter.DEAD_LETTERED_RECORDS else "pump"
-            counter = CounterMetricFamily(name, documentation, labels=[label])
-            for pump_name, value in stats.by_pump(pump_key).items():
-                counter.add_metric([pump_name], value)
-            yield counter
+        yield from _counters(stats)
         backlog = GaugeMetricFamily(
             "iam_pump_redis_list_length", "Records waiting in iam's Redis list."
         )
         backlog.add_metric([], int(self.redis.llen(self.settings.analytics_key)))
         yield backlog
-        if self.settings.broker.startswith(("redis://", "rediss://")) and (
-            self.settings.broker_url is None
-        ):
-            queues = GaugeMetricFamily(
-                "iam_pump_queue_length", "Tasks waiting in a Celery queue.", labels=["queue"]
-            )
-            names = [INGEST_QUEUE, PURGE_QUEUE] + [
-                pump_queue(name) for name in self.settings.enabled_pumps
-            ]
-            for name in names:
-                queues.add_metric([name], int(self.redis.llen(name)))
-            yield queues
+        if self.settings.broker_url is None:  # the queues are lists on this same Redis
+            yield self._queue_lengths()
+        yield self._dead_letter_entries()
+
+    def _queue_lengths(self) -> GaugeMetricFamily:
+        queues = GaugeMetricFamily(
+            "iam_pump_queue_length", "Tasks waiting in a Celery queue.", labels=["queue"]
+        )
+        names = [INGEST_QUEUE, PURGE_QUEUE] + [pump_queue(n) for n in self.settings.enabled_pumps]
+        for name in names:
+            queues.add_metric([name], int(self.redis.llen(name)))
+        return queues
+
+    def _dead_letter_entries(self) -> GaugeMetricFamily:
         store = DeadLetterStore(self.redis, self.settings)
         entries = GaugeMetricFamily(
             "iam_pump_dead_letter_entries", "Dead-letter entries kept.", labels=["group"]
         )
         for group in store.groups():
             entries.add_metric([group], store.count(group))
-        yield entries
+        return entries
+
+
+def _counters(stats: StatsSnapshot) -> Iterator[CounterMetricFamily]:
+    # The counters every worker adds to (app/stores/stats.py), under their Prometheus names.
+    for key, (name, documentation) in _COUNTERS.items():
+        counter = CounterMetricFamily(name, documentation)
+        counter.add_metric([], stats.total(key))
+        yield counter
+    for pump_key, (name, documentation) in _PER_PUMP_COUNTERS.items():
+        label = "group" if pump_key is PumpCounter.DEAD_LETTERED_RECORDS else "pump"
+        counter = CounterMetricFamily(name, documentation, labels=[label])
+        for pump_name, value in stats.by_pump(pump_key).items():
+            counter.add_metric([pump_name], value)
+        yield counter
 
 
 class HealthServer:

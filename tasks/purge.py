@@ -20,6 +20,7 @@ batch id, and ingest, which remembers which pumps got that batch, does not deliv
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -61,45 +62,60 @@ def purge() -> dict[str, Any]:
 def drain(context: WorkerContext, *, budget_s: float = PURGE_RUN_BUDGET_S) -> dict[str, Any]:
     """One purge run; returns what it moved. Usable outside Celery (tests, the command line)."""
     settings = context.settings
-    client = context.redis
     lock = RedisLock(
-        client,
+        context.redis,
         settings.key("purge", "lock"),
         ttl_ms=int(settings.delivery.purge_lock_ttl_s * 1000),
     )
     if not lock.acquire():
         return {"status": "busy", "records": 0, "batches": 0}
-    records = batches = 0
-    status = "drained"
+    moved = _Moved()
     try:
-        epoch = _epoch(context)
-        trim = client.register_script(_TRIM_IF_OWNER)
-        keys = [lock.key, settings.analytics_key, settings.key("purge", "offset")]
-        deadline = time.monotonic() + budget_s
-        while True:
-            if time.monotonic() >= deadline:
-                status = "budget"
-                break
-            offset = int(client.get(keys[2]) or 0)
-            chunk = client.lrange(keys[1], 0, settings.delivery.purge_chunk_size - 1)
-            if not chunk:
-                break
-            batch_id = f"{epoch}-{offset}"
-            envelope = encode_go_envelope(batch_id, [as_bytes(item) for item in chunk])
-            context.sender.send_ingest(context.sender.envelope_ref(batch_id, envelope))
-            if not trim(keys=keys, args=[lock.token, len(chunk), lock.ttl_ms]):
-                logger.warning("purge: lock lost after enqueuing batch %s; stopping", batch_id)
-                status = "lock-lost"
-                break
-            records += len(chunk)
-            batches += 1
+        _drain_chunks(context, lock, moved, deadline=time.monotonic() + budget_s)
     finally:
         lock.release()
-        if records:
-            context.stats.add({Counter.PURGED_RECORDS: records})
-    if records:
-        logger.info("purge: moved %d records in %d batches (%s)", records, batches, status)
-    return {"status": status, "records": records, "batches": batches}
+        if moved.records:
+            context.stats.add({Counter.PURGED_RECORDS: moved.records})
+    if moved.records:
+        logger.info(
+            "purge: moved %d records in %d batches (%s)", moved.records, moved.batches, moved.status
+        )
+    return dataclasses.asdict(moved)
+
+
+@dataclasses.dataclass(slots=True)
+class _Moved:
+    # What one run moved, kept up to date chunk by chunk (a failure midway still counts it).
+    status: str = "drained"
+    records: int = 0
+    batches: int = 0
+
+
+def _drain_chunks(
+    context: WorkerContext, lock: RedisLock, moved: _Moved, *, deadline: float
+) -> None:
+    # Read a chunk, enqueue it, only then trim it (if the lock is still ours), until the list
+    # is empty or the time budget is spent; ``moved`` counts what went.
+    settings = context.settings
+    client = context.redis
+    epoch = _epoch(context)
+    trim = client.register_script(_TRIM_IF_OWNER)
+    keys = [lock.key, settings.analytics_key, settings.key("purge", "offset")]
+    while time.monotonic() < deadline:
+        offset = int(client.get(keys[2]) or 0)
+        chunk = client.lrange(keys[1], 0, settings.delivery.purge_chunk_size - 1)
+        if not chunk:
+            return
+        batch_id = f"{epoch}-{offset}"
+        envelope = encode_go_envelope(batch_id, [as_bytes(item) for item in chunk])
+        context.sender.send_ingest(context.sender.envelope_ref(batch_id, envelope))
+        if not trim(keys=keys, args=[lock.token, len(chunk), lock.ttl_ms]):
+            logger.warning("purge: lock lost after enqueuing batch %s; stopping", batch_id)
+            moved.status = "lock-lost"
+            return
+        moved.records += len(chunk)
+        moved.batches += 1
+    moved.status = "budget"
 
 
 def _epoch(context: WorkerContext) -> str:

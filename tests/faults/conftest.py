@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from tests.conftest import require
-from tests.support import REDIS_HOST, REDIS_PORT, base_config, port_open, read_csv_rows
+from tests.support import REDIS_HOST, REDIS_PORT, base_config, port_open
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 #: The fault tests own this Redis database (flushed at the start of each test).
@@ -90,15 +90,3 @@ def slow_csv_config(
     pump = {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": delay_s}}
     config = fault_config(tmp_path, broker_url, pumps={"csv": pump}, **overrides)
     return write_config(tmp_path / "c.yaml", config), csv_dir
-
-
-def tally(rows: list[dict[str, str]], expected: set[str]) -> tuple[set[str], int]:
-    """(lost requests, duplicate count) of the CSV rows against the expected requests."""
-    seen: dict[str, int] = {}
-    for row in rows:
-        seen[row["Request"]] = seen.get(row["Request"], 0) + 1
-    return expected - set(seen), sum(n - 1 for n in seen.values())
-
-
-def csv_requests(directory: Path) -> list[dict[str, str]]:
-    return read_csv_rows(directory)
