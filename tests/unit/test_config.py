@@ -8,12 +8,12 @@ import pytest
 
 from app.config import (
     ConfigError,
-    load_settings,
     masked,
     parse_duration_s,
     parse_settings,
     warn_ignored_keys,
 )
+from pumps.settings import load_pump_settings, parse_pump_settings
 from tests.support import REPO, run_cli
 
 IAM_PUMP_YAML = """
@@ -61,14 +61,14 @@ analytics:
 
 def problems(text: str) -> dict[str, str]:
     with pytest.raises(ConfigError) as caught:
-        parse_settings(text)
+        parse_pump_settings(text)
     return dict(caught.value.problems)
 
 
 def test_iams_own_file_loads_with_unset_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "IAM_LOG_DIR"):
         monkeypatch.delenv(name, raising=False)
-    settings = parse_settings(IAM_PUMP_YAML)
+    settings = parse_pump_settings(IAM_PUMP_YAML)
     assert settings.redis.address == ("127.0.0.1", 6379)
     assert settings.purge_delay == 10
     assert settings.omit_detailed_recording is True
@@ -84,7 +84,7 @@ def test_variables_expand_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("REDIS_HOST", "redis.internal")
     monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
     monkeypatch.delenv("REDIS_PORT", raising=False)
-    settings = parse_settings(
+    settings = parse_pump_settings(
         "redis: {host: '${REDIS_HOST}', port: '${REDIS_PORT:-6380}',"
         " password: '${REDIS_PASSWORD}'}\n"
         "pumps: {c: {type: csv, meta: {csv_dir: '${DATA:-/data}/csv'}}}\n"
@@ -98,7 +98,7 @@ def test_variables_expand_with_defaults(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_host_with_port_and_broker_url_override() -> None:
-    settings = parse_settings(
+    settings = parse_pump_settings(
         "redis: {host: '10.0.0.5:6390'}\nbroker-url: amqp://guest:pw@127.0.0.1:5672//\n"
     )
     assert settings.redis.address == ("10.0.0.5", 6390)
@@ -134,11 +134,11 @@ def test_unsupported_redis_modes_are_refused() -> None:
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
-        load_settings(tmp_path / "nope.yaml")
+        load_pump_settings(tmp_path / "nope.yaml")
 
 
 def test_embedded_default_has_a_csv_pump() -> None:
-    settings = load_settings()
+    settings = load_pump_settings()
     assert settings.pumps["csv"].type == "csv"
 
 
@@ -150,7 +150,7 @@ def test_go_durations(text: object, seconds: float) -> None:
 
 
 def test_visibility_timeout_exceeds_the_longest_task_and_countdown() -> None:
-    settings = parse_settings(
+    settings = parse_pump_settings(
         "delivery: {retry-backoff-max-s: 20}\n"
         "pumps: {slow: {type: csv, timeout: 50, meta: {csv_dir: x}}}\n"
     )
@@ -181,7 +181,7 @@ def test_celery_worker_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
 
 
 def test_iam_options_without_effect_are_reported(caplog: pytest.LogCaptureFixture) -> None:
-    settings = parse_settings(
+    settings = parse_pump_settings(
         "log: {level: warn, name: pump, output-paths: x}\nredis: {optimisation-max-idle: 5}\n"
     )
     with caplog.at_level("WARNING"):
@@ -216,3 +216,11 @@ def test_errors_never_echo_secrets() -> None:
     text = repr(found)
     assert "redis.password" in found and "not" not in found["redis.password"]
     assert "pumps.m.meta.mongo_url" in found and "hunter2" not in text
+
+
+def test_the_reporters_loader_leaves_pump_meta_to_the_pumps() -> None:
+    """The reporter reads the same file without importing any pump, so meta goes unchecked."""
+    text = "pumps: {m: {type: mongo, meta: {mongo_url: not-a-url}}}\n"
+    assert parse_settings(text).pumps["m"].meta == {"mongo_url": "not-a-url"}
+    with pytest.raises(ConfigError, match=r"pumps\.m\.meta\.mongo_url"):
+        parse_pump_settings(text)
