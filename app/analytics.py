@@ -21,7 +21,6 @@ cut into batches waiting for a shipper, or being shipped.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import random
@@ -37,7 +36,7 @@ from typing import Any
 import msgpack
 
 from app.analytics_options import AnalyticsOptions
-from app.analytics_stats import AnalyticsStats
+from app.analytics_stats import AnalyticsStats, LockFreeCounter
 from app.errors import ShipError
 from app.record import AnalyticsRecord
 from app.transports import CeleryTransport, EncodeError, RedisListTransport, Transport
@@ -61,11 +60,6 @@ DROP_WARNING_INTERVAL_S = 10.0
 
 def _refuse_silently() -> bool:
     return False
-
-
-def _count_of(counter: itertools.count[int]) -> int:
-    # The value of an itertools.count without advancing it: its repr is "count(N)".
-    return int(repr(counter)[6:-1])
 
 
 def _aware(value: Any) -> Any:
@@ -100,10 +94,8 @@ class Analytics:
         self._in_flight = 0
         self._shipped_records = 0
         self._shipped_batches = 0
-        # Refusals are counted with itertools.count: next() is one atomic C call, so the refusing
-        # path stays as cheap as the accepting one and no count is lost between threads.
-        self._dropped_full = itertools.count()
-        self._dropped_after_stop = itertools.count()
+        self._dropped_full = LockFreeCounter()
+        self._dropped_after_stop = LockFreeCounter()
         self._rejected = 0
         self._lost_at_stop = 0
         self._ship_failures = 0
@@ -148,7 +140,7 @@ class Analytics:
         """Log refused records at most once per DROP_WARNING_INTERVAL_S (called by the cutter)."""
         if now - self._last_drop_warning < DROP_WARNING_INTERVAL_S:
             return
-        dropped = _count_of(self._dropped_full)
+        dropped = self._dropped_full.value()
         if dropped == self._drops_warned:
             return
         logger.warning(
@@ -256,8 +248,8 @@ class Analytics:
                 shipped_batches=self._shipped_batches,
                 buffered=len(self._buffer),
                 pending=self._in_flight,
-                dropped_buffer_full=_count_of(self._dropped_full),
-                dropped_after_stop=_count_of(self._dropped_after_stop),
+                dropped_buffer_full=self._dropped_full.value(),
+                dropped_after_stop=self._dropped_after_stop.value(),
                 rejected=self._rejected,
                 lost_at_stop=self._lost_at_stop,
                 ship_failures=self._ship_failures,

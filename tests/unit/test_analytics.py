@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -261,3 +262,27 @@ def test_a_batch_retried_through_an_outage_is_packed_once(
         transport.ship("b2", [row])
     transport.close()
     assert packed == ["b1", "b2"]
+
+
+def test_the_lock_free_counter_loses_no_count_between_threads() -> None:
+    from app.analytics_stats import LockFreeCounter
+
+    counter = LockFreeCounter()
+    switch_interval_s = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+
+        def bump() -> None:
+            for _ in range(50_000):
+                next(counter)
+
+        threads = [threading.Thread(target=bump) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        reads = [counter.value() for _ in range(200)]
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch_interval_s)
+    assert reads == sorted(reads)
+    assert counter.value() == counter.value() == 200_000
