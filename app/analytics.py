@@ -29,7 +29,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -58,10 +57,6 @@ SHIP_BACKOFF_MAX_S = 5.0
 DROP_WARNING_INTERVAL_S = 10.0
 
 
-def _refuse_silently() -> bool:
-    return False
-
-
 def _aware(value: Any) -> Any:
     if isinstance(value, datetime) and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -75,14 +70,13 @@ class Analytics:
     and False when it was refused (buffer full, stopped, or analytics disabled).
     """
 
-    record_hit: Callable[[AnalyticsRecord], bool]
-
     def __init__(self, options: AnalyticsOptions, *, transport: Transport | None = None) -> None:
         self.options = options
         self._transport = transport
         self._buffer: deque[AnalyticsRecord] = deque()
-        # One slot, read by record_hit on every call: stop() sets it to 0 to refuse new records.
-        self._limit = [options.records_buffer_size if options.enable else 0]
+        # How many records the buffer may hold now: the bound less the records in flight (see
+        # _bound_buffer); stop() sets it to 0 for good.
+        self._limit = options.records_buffer_size if options.enable else 0
         self._batches: queue.Queue[tuple[str, list[AnalyticsRecord]] | None] = queue.Queue(
             maxsize=2 * options.pool_size
         )
@@ -101,40 +95,23 @@ class Analytics:
         self._ship_failures = 0
         self._last_drop_warning = 0.0
         self._drops_warned = 0
-        # What record_hit does with a record it cannot take; stop() swaps it.
-        self._refuse: list[Callable[[], bool]] = [
-            self._refuse_full if options.enable else _refuse_silently
-        ]
-        self.record_hit = self._make_record_hit()
+        # Where record_hit counts a refusal; stop() swaps in _dropped_after_stop. Disabled, the
+        # reporter refuses every record and reports no refusal: that counter is read by nobody.
+        self._refusals = self._dropped_full if options.enable else LockFreeCounter()
 
-    def _make_record_hit(self) -> Callable[[AnalyticsRecord], bool]:
-        append = self._buffer.append
-        size = self._buffer.__len__
-        limit = self._limit
-        refuse = self._refuse
-
-        def record_hit(record: AnalyticsRecord) -> bool:
-            if size() < limit[0]:
-                append(record)
-                return True
-            return refuse[0]()
-
-        record_hit.__doc__ = "Accept one record (never blocks, no I/O); False if refused."
-        return record_hit
-
-    def _refuse_full(self) -> bool:
-        next(self._dropped_full)
-        return False
-
-    def _refuse_after_stop(self) -> bool:
-        next(self._dropped_after_stop)
+    def record_hit(self, record: AnalyticsRecord) -> bool:
+        """Accept one record (never blocks, no I/O, no lock); False if refused."""
+        if len(self._buffer) < self._limit:
+            self._buffer.append(record)
+            return True
+        next(self._refusals)
         return False
 
     def _bound_buffer(self) -> None:
         # Called under the lock whenever records are cut or shipped: what the buffer may hold is
         # what the bound leaves after the batches in flight. stop() has set it to 0 for good.
         if not self._stopping.is_set():
-            self._limit[0] = max(0, self.options.records_buffer_size - self._in_flight)
+            self._limit = max(0, self.options.records_buffer_size - self._in_flight)
 
     def _warn_about_drops(self, now: float) -> None:
         """Log refused records at most once per DROP_WARNING_INTERVAL_S (called by the cutter)."""
@@ -188,8 +165,8 @@ class Analytics:
                 already = True
             else:
                 already = False
-                self._refuse[0] = self._refuse_after_stop
-                self._limit[0] = 0
+                self._refusals = self._dropped_after_stop
+                self._limit = 0
                 self._stopping.set()
         if already:
             for thread in self._threads:
