@@ -13,7 +13,8 @@ and allocates nothing. A cutter thread turns the buffer into batches - when ``re
 second - and ``pool-size`` shipping threads hand each batch over as one Celery task (or RPUSH it
 to iam's Redis list). A batch that cannot be shipped is retried with backoff; while the broker is
 away the buffer fills, and records past its bound are refused, counted and logged (rate-limited),
-never silently lost. ``stop()`` ships everything accepted before it, and is safe to call twice.
+never silently lost. ``stop()`` ships everything accepted before it, and is safe to call twice;
+a record accepted by a ``record_hit`` racing ``stop()`` is shipped or counted in ``lost_at_stop``.
 
 Memory is bounded: the reporter holds at most ``records-buffer-size`` records in all, buffered,
 cut into batches waiting for a shipper, or being shipped.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import logging
 import queue
 import random
-import sys
 import threading
 import time
 import uuid
@@ -83,8 +83,11 @@ class Analytics:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._started = False
-        self._stopped = False
+        # stop() has begun: record_hit refuses, and the cutter cuts what is left then exits.
         self._stopping = threading.Event()
+        # stop() is done waiting: shippers stop retrying, the cutter stops cutting, and a record
+        # still in the buffer will never be shipped; stats() counts it in lost_at_stop.
+        self._closed = threading.Event()
         self._in_flight = 0
         self._shipped_records = 0
         self._shipped_batches = 0
@@ -133,7 +136,7 @@ class Analytics:
     def start(self) -> None:
         """Start the cutter and shipping threads (idempotent)."""
         with self._lock:
-            if self._started or not self.options.enable:
+            if self._started or self._stopping.is_set() or not self.options.enable:
                 return
             self._started = True
         if self._transport is None:
@@ -158,34 +161,21 @@ class Analytics:
         """Refuse new records, ship every accepted one, stop the threads; safe to call twice.
 
         Records still unshipped when ``timeout_s`` runs out (the broker stayed away) are counted
-        in ``lost_at_stop`` and logged as an error.
+        in ``lost_at_stop`` and logged as an error. So is, rarely, a record from a ``record_hit``
+        that raced this call and appended after the last batch was cut: ``stats()`` counts it.
         """
-        with self._lock:
-            if self._stopped or self._stopping.is_set():
-                already = True
-            else:
-                already = False
-                self._refusals = self._dropped_after_stop
-                self._limit = 0
-                self._stopping.set()
-        if already:
-            for thread in self._threads:
-                thread.join(timeout_s)
+        if not self._begin_stop():
+            self._join_threads(timeout_s)  # a second call: wait for the first one's threads
             return self.stats()
-        # Let a record_hit that passed the limit check just before it was lowered land.
-        time.sleep(2 * sys.getswitchinterval())
         deadline = time.monotonic() + timeout_s
         if not self._started:
             self._start_for_drain()
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            self._stopped = True
-            self._lost_at_stop += len(self._buffer)
-            self._buffer.clear()
-        # Shippers still retrying see _stopped, give up and count their batch as lost.
-        for thread in self._threads:
-            thread.join(STOP_GRACE_S)
+        self._join_threads(deadline - time.monotonic())
+        # A record_hit that passed the limit check just before _begin_stop lowered the limit may
+        # append after the cutter found the buffer empty and left. No sleep can make that land
+        # in time, so it is counted instead: from here on whatever the buffer holds is lost.
+        self._closed.set()
+        self._join_threads(STOP_GRACE_S)  # shippers still retrying give up their batch
         if self._transport is not None:
             self._transport.close()
         stats = self.stats()
@@ -196,6 +186,21 @@ class Analytics:
                 timeout_s,
             )
         return stats
+
+    def _begin_stop(self) -> bool:
+        """Refuse new records from now on; False if stop() had already begun."""
+        with self._lock:
+            if self._stopping.is_set():
+                return False
+            self._refusals = self._dropped_after_stop
+            self._limit = 0
+            self._stopping.set()
+            return True
+
+    def _join_threads(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _start_for_drain(self) -> None:
         # stop() without start(): ship what was buffered anyway.
@@ -220,52 +225,66 @@ class Analytics:
     def stats(self) -> AnalyticsStats:
         """The counters now."""
         with self._lock:
+            buffered = len(self._buffer)
+            lost_at_stop = self._lost_at_stop
+            if self._closed.is_set():  # nothing will take these any more (see stop)
+                lost_at_stop, buffered = lost_at_stop + buffered, 0
             return AnalyticsStats(
                 shipped_records=self._shipped_records,
                 shipped_batches=self._shipped_batches,
-                buffered=len(self._buffer),
+                buffered=buffered,
                 pending=self._in_flight,
                 dropped_buffer_full=self._dropped_full.value(),
                 dropped_after_stop=self._dropped_after_stop.value(),
                 rejected=self._rejected,
-                lost_at_stop=self._lost_at_stop,
+                lost_at_stop=lost_at_stop,
                 ship_failures=self._ship_failures,
             )
 
     # -- threads ---------------------------------------------------------------------------
 
     def _cut_loop(self) -> None:
+        """Cut the buffer into batches for the shippers; once stopping, until it is empty."""
         batch_size = self.options.batch_size
         interval_s = min(self.options.flush_interval_ms / 1000.0, FORCED_FLUSH_INTERVAL_S)
         poll_s = min(CUTTER_POLL_S, interval_s)
-        buffer = self._buffer
         last_cut = time.monotonic()
-        while True:
+        while not self._closed.is_set():
             stopping = self._stopping.is_set()
-            waiting = len(buffer)
+            waiting = len(self._buffer)
             now = time.monotonic()
             if waiting >= batch_size or (waiting and (stopping or now - last_cut >= interval_s)):
-                batch = [buffer.popleft() for _ in range(min(waiting, batch_size))]
+                self._hand_over(self._cut(min(waiting, batch_size)), poll_s)
                 last_cut = now
-                with self._lock:
-                    self._in_flight += len(batch)
-                    self._bound_buffer()
-                item = (uuid.uuid4().hex, batch)
-                while True:  # the shippers may all be waiting for the broker
-                    try:
-                        self._batches.put(item, timeout=poll_s)
-                        break
-                    except queue.Full:
-                        self._warn_about_drops(time.monotonic())
                 continue
             if stopping:
-                break
+                break  # every record accepted before the limit fell is cut
             if not waiting:
                 last_cut = now
             self._warn_about_drops(now)
             time.sleep(poll_s)
         for _ in range(self.options.pool_size + 1):
             self._batches.put(None)
+
+    def _cut(self, size: int) -> tuple[str, list[AnalyticsRecord]]:
+        # Under the lock, so that stats() sees each record either buffered or pending.
+        with self._lock:
+            batch = [self._buffer.popleft() for _ in range(size)]
+            self._in_flight += len(batch)
+            self._bound_buffer()
+        return uuid.uuid4().hex, batch
+
+    def _hand_over(self, item: tuple[str, list[AnalyticsRecord]], poll_s: float) -> None:
+        """Queue a batch for the shippers, who may all be waiting for the broker."""
+        while True:
+            try:
+                self._batches.put(item, timeout=poll_s)
+                return
+            except queue.Full:
+                if self._closed.is_set():  # stop() is done waiting: the batch is lost
+                    self._settle(item[1], shipped_rows=None)
+                    return
+                self._warn_about_drops(time.monotonic())
 
     def _ship_loop(self) -> None:
         while True:
@@ -281,15 +300,19 @@ class Analytics:
                 # batch; only then is each record tried alone.
                 rows = self._encodable(rows, records)
                 shipped = self._ship(batch_id, rows)
-            with self._lock:
-                self._in_flight -= len(records)
-                self._bound_buffer()
-                if shipped:
-                    self._shipped_records += len(rows)
-                    self._shipped_batches += 1
-                    self._rejected += len(records) - len(rows)
-                else:
-                    self._lost_at_stop += len(records)
+            self._settle(records, shipped_rows=len(rows) if shipped else None)
+
+    def _settle(self, records: list[AnalyticsRecord], *, shipped_rows: int | None) -> None:
+        """Count a batch out of flight: shipped (rows shipped, the rest rejected) or lost."""
+        with self._lock:
+            self._in_flight -= len(records)
+            self._bound_buffer()
+            if shipped_rows is None:
+                self._lost_at_stop += len(records)
+            else:
+                self._shipped_records += shipped_rows
+                self._shipped_batches += 1
+                self._rejected += len(records) - shipped_rows
 
     def _rows(self, records: list[AnalyticsRecord]) -> list[list[Any]]:
         """Rows ready to pack, with the reporter's expiry and detail settings applied."""
@@ -343,7 +366,7 @@ class Analytics:
                     logger.warning(
                         "analytics: shipping failed (attempt %d), will retry: %s", attempt, exc
                     )
-            if self._stopped:
-                return False
             ceiling = min(SHIP_BACKOFF_MAX_S, SHIP_BACKOFF_BASE_S * 2 ** min(attempt, 16))
-            time.sleep(random.uniform(ceiling / 2, ceiling))
+            # Wakes as soon as stop() is done waiting, rather than sleeping out the backoff.
+            if self._closed.wait(random.uniform(ceiling / 2, ceiling)):
+                return False
