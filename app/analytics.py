@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import time
 import uuid
@@ -36,6 +35,7 @@ import msgpack
 
 from app.analytics_options import AnalyticsOptions
 from app.analytics_stats import AnalyticsStats, LockFreeCounter
+from app.backoff import backoff_s
 from app.errors import ShipError
 from app.record import AnalyticsRecord
 from app.transports import CeleryTransport, EncodeError, RedisListTransport, Transport
@@ -366,7 +366,7 @@ class Analytics:
                     logger.warning(
                         "analytics: shipping failed (attempt %d), will retry: %s", attempt, exc
                     )
-            ceiling = min(SHIP_BACKOFF_MAX_S, SHIP_BACKOFF_BASE_S * 2 ** min(attempt, 16))
+            pause_s = backoff_s(attempt, base_s=SHIP_BACKOFF_BASE_S, max_s=SHIP_BACKOFF_MAX_S)
             # Wakes as soon as stop() is done waiting, rather than sleeping out the backoff.
-            if self._closed.wait(random.uniform(ceiling / 2, ceiling)):
+            if self._closed.wait(pause_s):
                 return False
