@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import itertools
+import sys
 import threading
 import time
+from collections import deque
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -261,3 +264,119 @@ def test_a_batch_retried_through_an_outage_is_packed_once(
         transport.ship("b2", [row])
     transport.close()
     assert packed == ["b1", "b2"]
+
+
+def test_the_lock_free_counter_loses_no_count_between_threads() -> None:
+    from app.analytics_stats import LockFreeCounter
+
+    counter = LockFreeCounter()
+    switch_interval_s = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+
+        def bump() -> None:
+            for _ in range(50_000):
+                next(counter)
+
+        threads = [threading.Thread(target=bump) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        reads = [counter.value() for _ in range(200)]
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch_interval_s)
+    assert reads == sorted(reads)
+    assert counter.value() == counter.value() == 200_000
+
+
+class PausingBuffer(deque[AnalyticsRecord]):
+    """The reporter's buffer, able to hold one append between record_hit's check and the append.
+
+    That is where a record_hit racing stop() can be when stop() lowers the limit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pause_next_append = False
+        self.paused = threading.Event()
+        self.release = threading.Event()
+
+    def append(self, record: AnalyticsRecord) -> None:
+        if self.pause_next_append:
+            self.pause_next_append = False
+            self.paused.set()
+            self.release.wait(10)
+        super().append(record)
+
+
+def test_a_record_appended_after_the_last_cut_is_counted_lost_not_silently_dropped() -> None:
+    transport = MemoryTransport()
+    analytics = reporter(transport, flush_interval_ms=10)
+    buffer = PausingBuffer()
+    analytics._buffer = buffer
+    analytics.start()
+    for i in range(100):
+        assert analytics.record_hit(AnalyticsRecord(username=str(i)))
+    buffer.pause_next_append = True
+    late: list[bool] = []
+    racer = threading.Thread(
+        target=lambda: late.append(analytics.record_hit(AnalyticsRecord(username="late")))
+    )
+    racer.start()
+    assert buffer.paused.wait(5)  # the racer passed the limit check; its append waits
+    stats = analytics.stop(timeout_s=5)
+    assert stats.shipped_records == 100 and stats.lost_at_stop == 0
+    buffer.release.set()
+    racer.join()
+    assert late == [True]
+    after = analytics.stats()
+    assert after.shipped_records == 100 and after.lost_at_stop == 1 and after.buffered == 0
+    assert after.accepted == 101
+    assert analytics.stop().lost_at_stop == 1
+    assert "late" not in {row[1] for row in transport.rows()}
+
+
+def race_stop_against_eight_threads() -> None:
+    """Eight threads call record_hit as fast as they can while stop() runs; check the counts."""
+    transport = MemoryTransport()
+    analytics = reporter(transport, records_buffer_size=10_000, pool_size=4, flush_interval_ms=1)
+    analytics.start()
+    accepted: list[list[str]] = [[] for _ in range(8)]
+    go, done = threading.Event(), threading.Event()
+
+    def hammer(slot: int) -> None:
+        go.wait()
+        for count in itertools.count():
+            if done.is_set():
+                return
+            name = f"{slot}-{count}"
+            if analytics.record_hit(AnalyticsRecord(username=name)):
+                accepted[slot].append(name)
+
+    threads = [threading.Thread(target=hammer, args=(slot,)) for slot in range(8)]
+    for thread in threads:
+        thread.start()
+    go.set()
+    time.sleep(0.05)
+    analytics.stop(timeout_s=10)
+    done.set()
+    for thread in threads:
+        thread.join()
+    stats = analytics.stats()
+    everyone = {name for names in accepted for name in names}
+    shipped = [str(row[1]) for row in transport.rows()]
+    assert len(shipped) == len(set(shipped)) == stats.shipped_records
+    assert set(shipped) <= everyone
+    assert len(everyone) == stats.shipped_records + stats.lost_at_stop + stats.rejected
+    assert stats.accepted == len(everyone) and stats.buffered == stats.pending == 0
+
+
+def test_every_record_accepted_while_stop_runs_is_shipped_or_counted_lost() -> None:
+    switch_interval_s = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # many thread switches: record_hit is often cut mid-way
+    try:
+        for _ in range(10):
+            race_stop_against_eight_threads()
+    finally:
+        sys.setswitchinterval(switch_interval_s)
