@@ -425,7 +425,7 @@ def parse_settings(text: str, *, source: str = "") -> Settings:
     try:
         settings = Settings.model_validate({**raw, "source": source})
     except ValidationError as exc:
-        problems += _problems(exc)
+        problems += validation_problems(exc)
     problems += _validate_pump_meta(raw.get("pumps"))
     if problems or settings is None:
         raise ConfigError(problems, source=source)
@@ -443,7 +443,9 @@ def warn_ignored_keys(settings: Settings) -> None:
         )
 
 
-def _problems(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[tuple[str, str]]:
+def validation_problems(
+    exc: ValidationError, prefix: tuple[str | int, ...] = ()
+) -> list[tuple[str, str]]:
     problems = []
     for error in exc.errors():
         location = [str(part) for part in (*prefix, *error["loc"])]
@@ -489,7 +491,7 @@ def _validate_pump_meta(pumps: Any) -> list[tuple[str, str]]:
         try:
             pump_class.Meta.model_validate(meta)
         except ValidationError as exc:
-            problems += _problems(exc, ("pumps", name, "meta"))
+            problems += validation_problems(exc, ("pumps", name, "meta"))
     return problems
 
 
