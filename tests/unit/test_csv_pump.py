@@ -10,6 +10,7 @@ import pytest
 
 from app.record import GO_FIELD_NAMES, AnalyticsRecord
 from pumps.csv import CSVPump, go_time_string, hourly_file_name
+from pumps.deadline import Deadline
 from pumps.errors import PumpTemporaryError
 
 
@@ -44,8 +45,8 @@ def test_header_once_then_rows_with_every_field(tmp_path: Path) -> None:
         deciders="d",
         expire_at=datetime(2030, 1, 1, tzinfo=UTC),
     )
-    pump.write([record])
-    pump.write([record])
+    pump.write([record], deadline=Deadline.after(5))
+    pump.write([record], deadline=Deadline.after(5))
     [path] = tmp_path.glob("*.csv")
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
@@ -74,7 +75,8 @@ def _append(directory: str, worker: int) -> None:
             [
                 AnalyticsRecord(username=f"w{worker}", request=f"{worker}-{batch}-{i}" + "x" * 200)
                 for i in range(100)
-            ]
+            ],
+            deadline=Deadline.after(5),
         )
 
 

@@ -34,6 +34,7 @@ from app.config import parse_settings
 from app.errors import ConfigError
 from app.record import GO_ZERO_TIME, AnalyticsRecord
 from pumps.base import Pump, WriteResult
+from pumps.deadline import Deadline
 from pumps.elasticsearch import ElasticsearchPump
 from pumps.errors import PumpError, PumpPermanentError, PumpTemporaryError
 from pumps.memory import MemoryPump
@@ -52,6 +53,15 @@ EXPIRE_AT = datetime(2030, 6, 1, 12, 0, 0, tzinfo=UTC)
 #: The timeout the "server down" cases give a pump, and how much later than that it may answer.
 DOWN_TIMEOUT_S = 2.0
 DOWN_SLACK_S = 2.0
+#: The deadline a write gets when the test is not about time.
+WRITE_TIMEOUT_S = 10.0
+#: What a write that the sink took whole returns.
+ALL_WRITTEN = WriteResult()
+
+
+def soon() -> Deadline:
+    """The deadline of a write whose test is not about time."""
+    return Deadline.after(WRITE_TIMEOUT_S)
 OVERSIZED_REQUEST_BYTES = 64 * 1024
 SIZE_LIMIT_BYTES = 16 * 1024
 
@@ -397,8 +407,8 @@ def test_write_stores_each_record_once(sink: Sink) -> None:
     pump = sink.pump()
     with opened(pump):
         pump.check()
-        assert pump.write(records) is None
-        assert pump.write([]) is None
+        assert pump.write(records, deadline=soon()) == ALL_WRITTEN
+        assert pump.write([], deadline=soon()) == ALL_WRITTEN
     pump.close()  # a second close is harmless
     assert sink.counts() == {record.username: 1 for record in records}
 
@@ -408,8 +418,8 @@ def test_redelivered_batch_is_stored_once_by_upserting_pumps(sink: Sink) -> None
     records = make_records("again", 25)
     pump = sink.pump()
     with opened(pump):
-        pump.write(records)
-        pump.write(copies(records))
+        pump.write(records, deadline=soon())
+        pump.write(copies(records), deadline=soon())
     expected = 1 if pump.upserts else 2
     assert sink.counts() == {record.username: expected for record in records}
     assert pump.upserts == (sink.kind in {"memory", *STORE_KINDS})
@@ -430,12 +440,12 @@ def test_oversized_record(sink: Sink) -> None:
     with opened(pump):
         if sink.oversize == "pipeline":
             kept, rejects = run_pipeline([size_limit(SIZE_LIMIT_BYTES)], records)
-            assert pump.write(kept) is None
+            assert pump.write(kept, deadline=soon()) == ALL_WRITTEN
             assert [(record.id, "over the limit" in reason) for record, reason in rejects] == [
                 (big.id, True)
             ]
         else:
-            assert pump.write(records) is None
+            assert pump.write(records, deadline=soon()) == ALL_WRITTEN
     expected = {record.username: 1 for record in records}
     if sink.oversize == "pipeline":
         del expected[big.username]
@@ -456,7 +466,7 @@ def test_unusable_sink_gives_a_temporary_error_within_the_timeout(sink: Sink) ->
     started = time.monotonic()
     with pytest.raises(PumpTemporaryError):
         pump.open()
-        pump.write(make_records("down", 3))
+        pump.write(make_records("down", 3), deadline=Deadline.after(DOWN_TIMEOUT_S))
     assert time.monotonic() - started < DOWN_TIMEOUT_S + DOWN_SLACK_S
     pump.close()
     pump.close()
@@ -469,7 +479,7 @@ def test_silent_server_gives_a_temporary_error_within_the_timeout(store: Sink) -
         started = time.monotonic()
         with pytest.raises(PumpTemporaryError):
             pump.open()
-            pump.write(make_records("silent", 3))
+            pump.write(make_records("silent", 3), deadline=Deadline.after(DOWN_TIMEOUT_S))
         assert time.monotonic() - started < DOWN_TIMEOUT_S + DOWN_SLACK_S
         pump.close()
 
@@ -480,12 +490,12 @@ def test_server_going_away_gives_temporary_errors_and_a_failing_check(store: Sin
     try:
         with opened(pump):
             first = make_records("before", 5)
-            assert pump.write(first) is None
+            assert pump.write(first, deadline=soon()) == ALL_WRITTEN
             pump.check()
             proxy.stop()
             started = time.monotonic()
             with pytest.raises(PumpTemporaryError):
-                pump.write(make_records("after", 5))
+                pump.write(make_records("after", 5), deadline=Deadline.after(DOWN_TIMEOUT_S))
             assert time.monotonic() - started < DOWN_TIMEOUT_S + DOWN_SLACK_S
             started = time.monotonic()
             with pytest.raises(PumpError):
@@ -501,7 +511,7 @@ def test_record_without_an_id_is_refused_alone(store: Sink) -> None:
     records = make_records("noid", 4)
     records[1] = dataclasses.replace(records[1], id="")
     with opened(store.pump()) as pump:
-        result = pump.write(records)
+        result = pump.write(records, deadline=soon())
     assert isinstance(result, WriteResult)
     assert [(record.username, "id" in reason) for record, reason in result.rejected] == [
         (records[1].username, True)
@@ -561,9 +571,9 @@ def test_iam_style_meta_loads() -> None:
     assert mongo_meta.max_document_size_bytes == 10 * 1024 * 1024  # iam: 0 means 10 MiB
     es_pump = ElasticsearchPump.create("es", settings.pumps["es"].meta, timeout_s=5)
     assert isinstance(es_pump, ElasticsearchPump)
-    assert es_pump.settings.elasticsearch_url == ("http://a:9200", "http://b:9200")
-    assert es_pump.settings.records_per_request == 500
-    assert es_pump.settings.ignored_keys == ["document_type", "bulk_config.workers"]
+    assert es_pump.meta.elasticsearch_url == ("http://a:9200", "http://b:9200")
+    assert es_pump.meta.records_per_request == 500
+    assert es_pump.meta.ignored_keys == ["document_type", "bulk_config.workers"]
 
 
 @pytest.mark.parametrize(
@@ -646,7 +656,7 @@ def test_mongo_documents_are_iams_with_a_ttl_index(mongo_db: Database[dict[str, 
     records = make_records("doc", 2)
     records[1] = dataclasses.replace(records[1], expire_at=GO_ZERO_TIME)
     with opened(mongo_pump(mongo_db, MongoPump)) as pump:
-        pump.write(records)
+        pump.write(records, deadline=soon())
     collection = mongo_db["analytics"]
     first = collection.find_one({"_id": records[0].id})
     assert first is not None
@@ -680,7 +690,7 @@ def test_mongo_splits_bulks_at_max_insert_batch_size_bytes(
         dataclasses.replace(record, policies="p" * 1000) for record in make_records("split", 20)
     ]
     with opened(mongo_pump(mongo_db, RecordingMongoPump, max_insert_batch_size_bytes=4096)) as pump:
-        assert pump.write(records) is None
+        assert pump.write(records, deadline=soon()) == ALL_WRITTEN
         assert len(pump.bulks) > 1 and max(pump.bulks) <= 3 and sum(pump.bulks) == len(records)
     assert mongo_db["analytics"].count_documents({}) == len(records)
 
@@ -692,7 +702,7 @@ def test_mongo_document_too_large_even_when_trimmed_is_refused_alone(
     records = make_records("huge", 4)
     records[1] = dataclasses.replace(records[1], username="n" * 8192)
     with opened(mongo_pump(mongo_db, MongoPump, max_document_size_bytes=4096)) as pump:
-        result = pump.write(records)
+        result = pump.write(records, deadline=soon())
     assert isinstance(result, WriteResult)
     assert [
         (record.id, "even without request" in reason) for record, reason in result.rejected
@@ -717,7 +727,7 @@ def test_mongo_refused_document_goes_alone_to_the_dead_letters(
     records = make_records("refused", 4)
     with opened(mongo_pump(mongo_db, RecordingMongoPump)) as pump:
         pump.fail_with = _bulk_error(1, 121, "Document failed validation")
-        result = pump.write(records)
+        result = pump.write(records, deadline=soon())
     assert isinstance(result, WriteResult)
     assert [(record.id, reason) for record, reason in result.rejected] == [
         (records[1].id, "MongoDB refused the document (code 121): Document failed validation")
@@ -731,9 +741,9 @@ def test_mongo_duplicate_key_from_a_racing_upsert_counts_as_written(
 ) -> None:
     records = make_records("race", 3)
     with opened(mongo_pump(mongo_db, RecordingMongoPump)) as pump:
-        pump.write(records[1:2])
+        pump.write(records[1:2], deadline=soon())
         pump.fail_with = _bulk_error(1, 11000, "E11000 duplicate key", keyPattern={"_id": 1})
-        assert pump.write(records) is None
+        assert pump.write(records, deadline=soon()) == ALL_WRITTEN
     assert mongo_db["analytics"].count_documents({}) == 3
 
 
@@ -756,7 +766,7 @@ def test_mongo_errors_are_classified(
     with opened(mongo_pump(mongo_db, RecordingMongoPump)) as pump:
         pump.fail_with = failure
         with pytest.raises(expected):
-            pump.write(make_records("classify", 3))
+            pump.write(make_records("classify", 3), deadline=soon())
 
 
 @pytest.mark.integration
@@ -766,7 +776,7 @@ def test_mongo_capped_option_creates_the_collection_at_open(
     # Only that it exists before any write: the stand-in accepts but ignores capping.
     with opened(mongo_pump(mongo_db, MongoPump, collection_cap_enable=True)) as pump:
         assert "analytics" in mongo_db.list_collection_names()
-        assert pump.write(make_records("capped", 3)) is None
+        assert pump.write(make_records("capped", 3), deadline=soon()) == ALL_WRITTEN
     assert mongo_db["analytics"].count_documents({}) == 3
 
 
@@ -868,7 +878,7 @@ def test_aggregate_counts_per_bucket_dimension_and_value(
 ) -> None:
     records = varied_records()
     with opened(aggregate_pump(mongo_db, MongoAggregatePump)) as pump:
-        assert pump.write(records) is None
+        assert pump.write(records, deadline=soon()) == ALL_WRITTEN
     assert aggregates(mongo_db) == expected_aggregates(records)
     doc = mongo_db["agg"].find_one({"dimension": "all"})
     assert doc is not None and doc["value"] == "" and doc["timestamp"].second == 0
@@ -884,7 +894,7 @@ def test_aggregate_bucket_length_and_ignored_dimensions(
             mongo_db, MongoAggregatePump, aggregation_time=5, ignore_aggregations=["resource"]
         )
     ) as pump:
-        pump.write(records)
+        pump.write(records, deadline=soon())
     assert aggregates(mongo_db) == expected_aggregates(records, minutes=5, dimensions=["resource"])
 
 
@@ -897,12 +907,12 @@ def test_aggregate_redelivery_after_a_crash_half_way_counts_each_record_once(
         opened(aggregate_pump(mongo_db, HalfWayAggregatePump)) as crashing,
         pytest.raises(PumpTemporaryError),
     ):
-        crashing.write(records)
+        crashing.write(records, deadline=soon())
     partial = aggregates(mongo_db)
     assert 0 < len(partial) < len(expected_aggregates(records))
     with opened(aggregate_pump(mongo_db, MongoAggregatePump)) as pump:
-        assert pump.write(copies(records)) is None
-        assert pump.write(copies(records)) is None
+        assert pump.write(copies(records), deadline=soon()) == ALL_WRITTEN
+        assert pump.write(copies(records), deadline=soon()) == ALL_WRITTEN
     assert aggregates(mongo_db) == expected_aggregates(records)
 
 
@@ -913,7 +923,7 @@ def test_aggregate_update_that_lost_an_insert_race_is_applied_once(
     records = varied_records()
     with opened(aggregate_pump(mongo_db, RacedAggregatePump)) as pump:
         pump.records = records
-        assert pump.write(records) is None
+        assert pump.write(records, deadline=soon()) == ALL_WRITTEN
     assert aggregates(mongo_db) == expected_aggregates(records)
 
 
@@ -928,7 +938,7 @@ def test_aggregate_concurrent_deliveries_of_one_batch_count_once(
     def deliver(pump: Pump) -> None:
         try:
             for batch in batches:
-                pump.write(copies(batch))
+                pump.write(copies(batch), deadline=soon())
         except BaseException as exc:
             errors.append(exc)
 
@@ -958,9 +968,9 @@ def test_aggregate_remembers_exactly_the_documented_window(
     third = [dataclasses.replace(third[0], username=first[0].username)]
     with opened(aggregate_pump(mongo_db, MongoAggregatePump, applied_batches_kept=2)) as pump:
         for batch in (first, second, third):
-            pump.write(batch)
-        pump.write(copies(third))  # still remembered: not counted
-        pump.write(copies(first))  # beyond the window: counted again
+            pump.write(batch, deadline=soon())
+        pump.write(copies(third), deadline=soon())  # still remembered: not counted
+        pump.write(copies(first), deadline=soon())  # beyond the window: counted again
     user_doc = mongo_db["agg"].find_one({"dimension": "username"})
     assert user_doc is not None and user_doc["hits"] == 4 and len(user_doc["batches"]) == 2
 
@@ -1018,7 +1028,7 @@ def test_es_template_mappings_and_rolling_daily_index(
     day_one = make_records("day1", 3, timestamp=1_795_500_000)  # 2026-11-24
     day_two = make_records("day2", 2, timestamp=1_795_500_000 + 86_400)
     with opened(es_pump(es_url, es_index, ElasticsearchPump, rolling_index=True)) as pump:
-        assert pump.write(day_one + day_two) is None
+        assert pump.write(day_one + day_two, deadline=soon()) == ALL_WRITTEN
     template = es.indices.get_index_template(name=es_index).body["index_templates"][0]
     assert template["index_template"]["index_patterns"] == [es_index, f"{es_index}-*"]
     indices = sorted(es.indices.get(index=f"{es_index}*").body)
@@ -1046,7 +1056,7 @@ def test_es_mapping_error_goes_alone_to_the_dead_letters(
     ]
     records[2] = dataclasses.replace(records[2], username="alice")
     with opened(es_pump(es_url, es_index, ElasticsearchPump)) as pump:
-        result = pump.write(records)
+        result = pump.write(records, deadline=soon())
     assert isinstance(result, WriteResult)
     assert [
         (record.id, "400 document_parsing_exception" in reason)
@@ -1063,7 +1073,7 @@ def test_es_items_refused_with_429_are_sent_again_and_the_rest_committed(
     records = make_records("flaky", 10)
     with opened(es_pump(es_url, es_index, FlakyElasticsearchPump)) as pump:
         pump.flaky = frozenset({records[3].username, records[7].username})
-        assert pump.write(records) is None
+        assert pump.write(records, deadline=soon()) == ALL_WRITTEN
         assert pump.sizes == [10, 2]
     assert es_usernames(es, es_index) == {record.username: 1 for record in records}
 
@@ -1077,11 +1087,11 @@ def test_es_items_still_refused_raise_temporary_and_redelivery_is_idempotent(
         pump.flaky = frozenset({records[0].username})
         pump.refusals = 99
         with pytest.raises(PumpTemporaryError, match="still refuses 1 document"):
-            pump.write(records)
+            pump.write(records, deadline=soon())
         assert pump.calls == 3
     # The batch comes back whole; the five documents already in are overwritten, not doubled.
     with opened(es_pump(es_url, es_index, ElasticsearchPump)) as pump:
-        assert pump.write(copies(records)) is None
+        assert pump.write(copies(records), deadline=soon()) == ALL_WRITTEN
     assert es_usernames(es, es_index) == {record.username: 1 for record in records}
 
 
@@ -1089,7 +1099,7 @@ def test_es_items_still_refused_raise_temporary_and_redelivery_is_idempotent(
 def test_es_bulks_are_cut_at_bulk_size(es: Elasticsearch, es_url: str, es_index: str) -> None:
     records = make_records("cut", 10)
     with opened(es_pump(es_url, es_index, FlakyElasticsearchPump, bulk_size=4)) as pump:
-        assert pump.write(records) is None
+        assert pump.write(records, deadline=soon()) == ALL_WRITTEN
         assert pump.sizes == [4, 4, 2]
     assert sum(es_usernames(es, es_index).values()) == 10
 
@@ -1119,7 +1129,7 @@ def test_es_request_too_large_is_split_and_a_lone_huge_document_refused(
     records = make_records("413", 7)
     with opened(es_pump(es_url, es_index, TooLargeElasticsearchPump)) as pump:
         pump.huge = records[5].username
-        result = pump.write(records)
+        result = pump.write(records, deadline=soon())
     assert isinstance(result, WriteResult)
     assert [(record.id, "413" in reason) for record, reason in result.rejected] == [
         (records[5].id, True)
@@ -1131,6 +1141,6 @@ def test_es_request_too_large_is_split_and_a_lone_huge_document_refused(
 def test_es_expired_go_zero_time_is_left_out(es: Elasticsearch, es_url: str, es_index: str) -> None:
     record = dataclasses.replace(make_records("zero", 1)[0], expire_at=GO_ZERO_TIME)
     with opened(es_pump(es_url, es_index, ElasticsearchPump)) as pump:
-        pump.write([record])
+        pump.write([record], deadline=soon())
     es.indices.refresh(index=es_index)
     assert "expireAt" not in es.get(index=es_index, id=record.id).body["_source"]
