@@ -167,7 +167,7 @@ def test_the_record_declares_its_attributes_in_schema_order() -> None:
 
     attributes = [spec.attribute for spec in RECORD_FIELDS]
     assert [field.name for field in dataclasses.fields(AnalyticsRecord)] == [*attributes, "id"]
-    assert GO_FIELD_NAMES == tuple(spec.go_name for spec in RECORD_FIELDS)
+    assert tuple(spec.go_name for spec in RECORD_FIELDS) == GO_FIELD_NAMES
 
 
 def test_expiry_reads_the_go_zero_time_as_never() -> None:

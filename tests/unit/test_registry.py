@@ -45,7 +45,9 @@ def test_a_third_party_pump_comes_from_the_entry_point_group(plugin_dir: Path) -
     install_plugin(
         plugin_dir,
         "mysink = thirdparty_pump:MySink",
-        "from pumps.base import Pump, WriteResult\nclass MySink(Pump):\n    def write(self, records, *, deadline): return WriteResult()\n",
+        "from pumps.base import Pump, WriteResult\n"
+        "class MySink(Pump):\n"
+        "    def write(self, records, *, deadline): return WriteResult()\n",
     )
     assert registry.resolve_pump_class("mysink").__name__ == "MySink"
 
