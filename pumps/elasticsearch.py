@@ -124,8 +124,6 @@ class ElasticsearchPump(Pump[ElasticsearchMeta]):
         super().__init__(name, meta, timeout_s=timeout_s)
         self._index_by_day: dict[int, str] = {}
 
-    # -- lifecycle -------------------------------------------------------------------------
-
     def open(self, *, deadline: Deadline | None = None) -> None:
         if self._client is not None:
             return
@@ -224,8 +222,6 @@ class ElasticsearchPump(Pump[ElasticsearchMeta]):
         client, self._client = self._client, None
         if client is not None:
             client.close()
-
-    # -- writing ---------------------------------------------------------------------------
 
     def write(self, records: Sequence[AnalyticsRecord], *, deadline: Deadline) -> WriteResult:
         """Index the records under their ids by ``deadline``; return those refused for good.
