@@ -1,25 +1,7 @@
 """Elasticsearch: one document per record, indexed in bulk under the record id.
 
-``meta`` takes iam's keys (so an iam-pump.yaml works) and adds TLS, bulk size and retries::
-
-    elasticsearch_url       one URL, a comma-separated list, or a YAML list (default
-                            http://localhost:9200); credentials in a URL are used
-    index_name              default ``iam_analytics``
-    rolling_index           write to ``<index_name>-YYYY.MM.DD``, the day of the record (UTC)
-    auth_basic_username, auth_basic_password        basic authentication
-    auth_api_key_id, auth_api_key                   API key (id and key, or the encoded key alone)
-    ssl_ca_file, ssl_cert_file, ssl_key_file        CA bundle and client certificate (PEM)
-    ssl_insecure_skip_verify                        accept any certificate
-    use_sniffing            discover the cluster's nodes at start and when one fails
-    bulk_size               records per bulk request; default 1000
-    bulk_item_retries       how often documents refused with 429/5xx are sent again within one
-                            write; default 3
-    bulk_config             iam's block: ``bulk_actions`` (records per request, if ``bulk_size`` is
-                            not given) and ``bulk_size`` (bytes per request, estimated) are used;
-                            ``workers`` and ``flush_interval`` belong to iam's background bulk
-                            processor, which this pump does not need: ignored with a warning
-    document_type, disable_bulk   iam keys without meaning here (Elasticsearch 8 has no mapping
-                            types; writes are always bulk); accepted, ignored with a warning
+``meta`` takes iam's keys (so an iam-pump.yaml works) and adds TLS, bulk size and retries; see
+:mod:`pumps.elasticsearch_meta`.
 
 Where iam loses or duplicates data, this pump does not:
 
@@ -50,43 +32,28 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
 from elastic_transport import TransportError
 from elasticsearch import ApiError, Elasticsearch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.config import mask_url
-from app.record import AnalyticsRecord
+from app.record import EXPIRY_FIELD, STRING_FIELDS, AnalyticsRecord, expiry, string_values
 from pumps.base import Pump, WriteResult
+from pumps.deadline import CHECK_TIMEOUT_S, Deadline
+from pumps.elasticsearch_meta import ElasticsearchMeta
 from pumps.errors import PumpPermanentError, PumpTemporaryError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ELASTICSEARCH_URL = "http://localhost:9200"
-DEFAULT_INDEX_NAME = "iam_analytics"
-DEFAULT_BULK_SIZE_RECORDS = 1000
-MAX_BULK_SIZE_RECORDS = 100_000
-DEFAULT_BULK_ITEM_RETRIES = 3
-MAX_BULK_ITEM_RETRIES = 10
 #: Backoff before the first resend of refused documents; doubled each time, with jitter.
 ITEM_RETRY_BACKOFF_BASE_S = 0.2
 ITEM_RETRY_BACKOFF_MAX_S = 2.0
-#: The health check's own deadline, however long the pump's timeout is.
-CHECK_TIMEOUT_S = 2.0
-#: A write ends this long before the pump's timeout, so the pump's own error (naming the cause)
-#: arrives before the write task's soft time limit.
-TIMEOUT_MARGIN_S = 1.0
-MIN_OPERATION_BUDGET_S = 0.5
 #: Daily index names remembered (one per day seen), so odd timestamps cannot grow it unbounded.
 MAX_CACHED_INDEX_NAMES = 1000
 #: Above Elasticsearch's built-in templates (100), so ours wins for our indices.
 TEMPLATE_PRIORITY = 200
 #: JSON framing and field names of one document and its action line, for the byte estimate.
 _DOCUMENT_OVERHEAD_BYTES = 300
-_MAX_INDEX_NAME_BYTES = 255
-_ROLLING_SUFFIX_BYTES = len("-YYYY.MM.DD")
-_INDEX_NAME_FORBIDDEN = set('\\/*?"<>| ,#:')
 
 #: Per-item statuses worth sending again: too many requests, and server-side failures.
 RETRYABLE_ITEM_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -94,153 +61,39 @@ RETRYABLE_ITEM_STATUSES = frozenset({429, 500, 502, 503, 504})
 RETRYABLE_REQUEST_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 REQUEST_TOO_LARGE_STATUS = 413
 
+#: Where the record's time goes: Elasticsearch's conventional name, not iam's ``timestamp``.
+TIMESTAMP_FIELD_NAME = "@timestamp"
+#: String fields matched as whole values (and aggregated on); the others are full text.
+KEYWORD_FIELD_NAMES = frozenset({"username", "effect"})
+#: The document's string fields (iam's JSON names), in schema order.
+_STRING_NAMES = tuple(spec.json_name for spec in STRING_FIELDS)
+
 #: The mappings the index template installs.
 MAPPINGS: dict[str, Any] = {
     "properties": {
-        "@timestamp": {"type": "date"},
-        "username": {"type": "keyword"},
-        "effect": {"type": "keyword"},
-        "conclusion": {"type": "text"},
-        "request": {"type": "text"},
-        "policies": {"type": "text"},
-        "deciders": {"type": "text"},
-        "expireAt": {"type": "date"},
+        TIMESTAMP_FIELD_NAME: {"type": "date"},
+        **{
+            name: {"type": "keyword" if name in KEYWORD_FIELD_NAMES else "text"}
+            for name in _STRING_NAMES
+        },
+        EXPIRY_FIELD.json_name: {"type": "date"},
     }
 }
 
 
-class IamBulkConfig(BaseModel):
-    """iam's ``bulk_config`` block; see the module docstring for what is used."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    workers: int = Field(default=0, ge=0)
-    flush_interval: int = Field(default=0, ge=0)
-    bulk_actions: int = Field(default=0, ge=0, le=MAX_BULK_SIZE_RECORDS)
-    bulk_size: int = Field(default=0, ge=0)
-
-
-def validate_index_name(value: str) -> str:
-    """Check an index name against Elasticsearch's rules; raise ValueError naming the rule."""
-    if not value or value in {".", ".."}:
-        raise ValueError("an index name may not be empty, '.' or '..'")
-    if value != value.lower():
-        raise ValueError("an index name must be lowercase")
-    if value[0] in "-_+":
-        raise ValueError("an index name may not start with '-', '_' or '+'")
-    bad = sorted(_INDEX_NAME_FORBIDDEN.intersection(value))
-    if bad:
-        raise ValueError(f"an index name may not contain {' '.join(repr(c) for c in bad)}")
-    if len(value.encode("utf-8")) + _ROLLING_SUFFIX_BYTES > _MAX_INDEX_NAME_BYTES:
-        raise ValueError(f"an index name is at most {_MAX_INDEX_NAME_BYTES} bytes with its suffix")
-    return value
-
-
-class ElasticsearchMeta(BaseModel):
-    """``meta`` of the elasticsearch pump."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    elasticsearch_url: tuple[str, ...] = (DEFAULT_ELASTICSEARCH_URL,)
-    index_name: str = DEFAULT_INDEX_NAME
-    rolling_index: bool = False
-    auth_basic_username: str = ""
-    auth_basic_password: str = ""
-    auth_api_key_id: str = ""
-    auth_api_key: str = ""
-    ssl_ca_file: str = ""
-    ssl_cert_file: str = ""
-    ssl_key_file: str = ""
-    ssl_insecure_skip_verify: bool = False
-    use_sniffing: bool = False
-    bulk_size: int = Field(default=DEFAULT_BULK_SIZE_RECORDS, ge=1, le=MAX_BULK_SIZE_RECORDS)
-    bulk_item_retries: int = Field(
-        default=DEFAULT_BULK_ITEM_RETRIES, ge=0, le=MAX_BULK_ITEM_RETRIES
-    )
-    bulk_config: IamBulkConfig = IamBulkConfig()
-    document_type: str = ""
-    disable_bulk: bool = False
-
-    @field_validator("elasticsearch_url", mode="before")
-    @classmethod
-    def _split_urls(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
-    @field_validator("elasticsearch_url")
-    @classmethod
-    def _urls(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("at least one URL is needed")
-        for url in value:
-            parts = urlsplit(url)
-            if parts.scheme not in {"http", "https"} or not parts.hostname:
-                raise ValueError(f"expected http(s)://host[:port], got {mask_url(url)!r}")
-        return tuple(dict.fromkeys(value))
-
-    @field_validator("index_name")
-    @classmethod
-    def _index(cls, value: str) -> str:
-        return validate_index_name(value)
-
-    @model_validator(mode="after")
-    def _auth(self) -> ElasticsearchMeta:
-        if bool(self.auth_basic_username) != bool(self.auth_basic_password):
-            raise ValueError("auth_basic_username and auth_basic_password go together")
-        if self.auth_api_key_id and not self.auth_api_key:
-            raise ValueError("auth_api_key_id needs auth_api_key")
-        if self.auth_basic_username and self.auth_api_key:
-            raise ValueError("use basic authentication or an API key, not both")
-        if self.ssl_key_file and not self.ssl_cert_file:
-            raise ValueError("ssl_key_file needs ssl_cert_file")
-        return self
-
-    @property
-    def records_per_request(self) -> int:
-        """``bulk_size``, or iam's ``bulk_config.bulk_actions`` when only that is given."""
-        if "bulk_size" not in self.model_fields_set and self.bulk_config.bulk_actions:
-            return self.bulk_config.bulk_actions
-        return self.bulk_size
-
-    @property
-    def ignored_keys(self) -> list[str]:
-        """iam keys that were given but mean nothing here."""
-        ignored: list[str] = [
-            key for key in ("document_type", "disable_bulk") if key in self.model_fields_set
-        ]
-        ignored += [
-            f"bulk_config.{key}"
-            for key in ("workers", "flush_interval")
-            if key in self.bulk_config.model_fields_set
-        ]
-        return ignored
-
-
-def iso_time(value: datetime) -> str:
-    """A datetime as ISO 8601 in UTC (naive values are taken as UTC)."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat()
-
-
 def record_document(record: AnalyticsRecord) -> dict[str, Any]:
-    """The indexed form of a record: iam's field names, times as ISO 8601 strings.
+    """The indexed form of a record: iam's field names, times as ISO 8601 strings in UTC.
 
+    ``expireAt`` is left out for a record that never expires (it would read as year 1).
     Raises ValueError (or OverflowError, OSError) when the timestamp is not a usable time.
     """
     document: dict[str, Any] = {
-        "@timestamp": datetime.fromtimestamp(record.timestamp, UTC).isoformat(),
-        "username": record.username,
-        "effect": record.effect,
-        "conclusion": record.conclusion,
-        "request": record.request,
-        "policies": record.policies,
-        "deciders": record.deciders,
+        TIMESTAMP_FIELD_NAME: datetime.fromtimestamp(record.timestamp, UTC).isoformat(),
+        **dict(zip(_STRING_NAMES, string_values(record), strict=True)),
     }
-    # A Go zero time means "never"; it would read as year 1 in a date field.
-    if record.expire_at is not None and record.expire_at.year > 1:
-        document["expireAt"] = iso_time(record.expire_at)
+    expire_at = expiry(record)
+    if expire_at is not None:
+        document[EXPIRY_FIELD.json_name] = expire_at.astimezone(UTC).isoformat()
     return document
 
 
@@ -259,7 +112,7 @@ class _Entry:
     size_bytes: int
 
 
-class ElasticsearchPump(Pump):
+class ElasticsearchPump(Pump[ElasticsearchMeta]):
     """Indexes records in bulk under their ids; see the module docstring."""
 
     Meta = ElasticsearchMeta
@@ -267,27 +120,15 @@ class ElasticsearchPump(Pump):
 
     _client: Elasticsearch | None = None
 
-    def __init__(self, name: str, meta: BaseModel, *, timeout_s: float) -> None:
+    def __init__(self, name: str, meta: ElasticsearchMeta, *, timeout_s: float) -> None:
         super().__init__(name, meta, timeout_s=timeout_s)
         self._index_by_day: dict[int, str] = {}
 
-    @property
-    def settings(self) -> ElasticsearchMeta:
-        """The validated ``meta``."""
-        assert isinstance(self.meta, ElasticsearchMeta)
-        return self.meta
-
-    @property
-    def budget_s(self) -> float:
-        """How long one write (all its requests and resends) may take."""
-        return max(MIN_OPERATION_BUDGET_S, self.timeout_s - TIMEOUT_MARGIN_S)
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def open(self) -> None:
+    def open(self, *, deadline: Deadline | None = None) -> None:
         if self._client is not None:
             return
-        meta = self.settings
+        budget_s = self.open_deadline(deadline).operation_budget_s()
+        meta = self.meta
         if meta.ignored_keys:
             logger.warning(
                 "pump %s: meta key(s) %s are iam's and mean nothing here; ignored",
@@ -296,7 +137,7 @@ class ElasticsearchPump(Pump):
             )
         client = self._make_client()
         try:
-            self._install_template(client)
+            self._install_template(client, budget_s=budget_s)
         except BaseException:
             client.close()
             raise
@@ -310,7 +151,7 @@ class ElasticsearchPump(Pump):
         )
 
     def _make_client(self) -> Elasticsearch:
-        meta = self.settings
+        meta = self.meta
         options: dict[str, Any] = {"request_timeout": self.timeout_s}
         if meta.auth_basic_username:
             options["basic_auth"] = (meta.auth_basic_username, meta.auth_basic_password)
@@ -340,10 +181,10 @@ class ElasticsearchPump(Pump):
         except (ValueError, TypeError) as exc:
             raise PumpPermanentError(f"cannot build the Elasticsearch client: {exc}") from exc
 
-    def _install_template(self, client: Elasticsearch) -> None:
-        index_name = self.settings.index_name
+    def _install_template(self, client: Elasticsearch, *, budget_s: float) -> None:
+        index_name = self.meta.index_name
         try:
-            client.options(request_timeout=self.budget_s).indices.put_index_template(
+            client.options(request_timeout=budget_s).indices.put_index_template(
                 name=index_name,
                 index_patterns=[index_name, f"{index_name}-*"],
                 template={"mappings": MAPPINGS},
@@ -369,7 +210,7 @@ class ElasticsearchPump(Pump):
         if self._client is None:
             raise PumpTemporaryError(f"pump {self.name!r} is not open")
         try:
-            self._client.options(request_timeout=min(self.budget_s, CHECK_TIMEOUT_S)).info()
+            self._client.options(request_timeout=CHECK_TIMEOUT_S).info()
         except ApiError as exc:
             if exc.meta.status == 403:
                 return  # it answered; these credentials just may not read cluster info
@@ -382,21 +223,20 @@ class ElasticsearchPump(Pump):
         if client is not None:
             client.close()
 
-    # -- writing ---------------------------------------------------------------------------
-
-    def write(self, records: Sequence[AnalyticsRecord]) -> WriteResult | None:
-        """Index the records under their ids; return those Elasticsearch refused for good.
+    def write(self, records: Sequence[AnalyticsRecord], *, deadline: Deadline) -> WriteResult:
+        """Index the records under their ids by ``deadline``; return those refused for good.
 
         Raises :class:`PumpTemporaryError` when the cluster cannot be reached or keeps refusing
         documents with 429/5xx; the batch is then redelivered whole, which is idempotent since
         each document's ``_id`` is its record id.
         """
         if not records:
-            return None
+            return WriteResult()
         client = self._client
         if client is None:
             raise PumpTemporaryError(f"pump {self.name!r} is not open")
-        deadline = time.monotonic() + self.budget_s
+        # All requests and resends of this write share one budget, fixed now.
+        budget = Deadline.after(deadline.operation_budget_s())
         rejected: list[tuple[AnalyticsRecord, str]] = []
         entries = []
         for record in records:
@@ -418,11 +258,11 @@ class ElasticsearchPump(Pump):
                 )
             )
         for chunk in self._chunks(entries):
-            rejected += self._write_chunk(client, chunk, deadline)
-        return WriteResult(rejected=rejected) if rejected else None
+            rejected += self._write_chunk(client, chunk, budget)
+        return WriteResult(rejected=rejected)
 
     def _index_for(self, timestamp: int) -> str:
-        meta = self.settings
+        meta = self.meta
         if not meta.rolling_index:
             return meta.index_name
         day = timestamp // 86_400
@@ -436,7 +276,7 @@ class ElasticsearchPump(Pump):
 
     def _chunks(self, entries: list[_Entry]) -> Iterator[list[_Entry]]:
         """Runs of at most ``records_per_request`` entries (and iam's byte limit, if set)."""
-        meta = self.settings
+        meta = self.meta
         max_records = meta.records_per_request
         max_bytes = meta.bulk_config.bulk_size or None
         chunk: list[_Entry] = []
@@ -454,14 +294,14 @@ class ElasticsearchPump(Pump):
             yield chunk
 
     def _write_chunk(
-        self, client: Elasticsearch, chunk: list[_Entry], deadline: float
+        self, client: Elasticsearch, chunk: list[_Entry], budget: Deadline
     ) -> list[tuple[AnalyticsRecord, str]]:
         """Send one chunk, resending 429/5xx documents; return the documents refused for good."""
         rejected: list[tuple[AnalyticsRecord, str]] = []
         pending = chunk
         attempt = 0
         while True:
-            items = self._send(client, pending, deadline)
+            items = self._send(client, pending, budget)
             again: list[_Entry] = []
             last_reason = ""
             for entry, item in zip(pending, items, strict=True):
@@ -480,7 +320,7 @@ class ElasticsearchPump(Pump):
             pause_s = random.uniform(0.5, 1.0) * min(
                 ITEM_RETRY_BACKOFF_MAX_S, ITEM_RETRY_BACKOFF_BASE_S * 2 ** (attempt - 1)
             )
-            if attempt > self.settings.bulk_item_retries or time.monotonic() + pause_s >= deadline:
+            if attempt > self.meta.bulk_item_retries or pause_s >= budget.remaining_s():
                 raise PumpTemporaryError(
                     f"Elasticsearch still refuses {len(again)} document(s) after {attempt} "
                     f"attempt(s), last: {last_reason}; the batch will be sent again (safe: "
@@ -496,11 +336,11 @@ class ElasticsearchPump(Pump):
             time.sleep(pause_s)
             pending = again
 
-    def _send(self, client: Elasticsearch, entries: list[_Entry], deadline: float) -> list[Any]:
+    def _send(self, client: Elasticsearch, entries: list[_Entry], budget: Deadline) -> list[Any]:
         """One bulk request's items, in order; a request too large is split in halves."""
-        remaining_s = deadline - time.monotonic()
+        remaining_s = budget.remaining_s()
         if remaining_s <= 0:
-            raise PumpTemporaryError(f"Elasticsearch write took longer than {self.budget_s:.1f}s")
+            raise PumpTemporaryError("Elasticsearch write ran out of its time budget")
         operations: list[dict[str, Any]] = []
         for entry in entries:
             operations += (entry.action, entry.document)
@@ -523,8 +363,8 @@ class ElasticsearchPump(Pump):
                     }
                 ]
             half = len(entries) // 2
-            return self._send(client, entries[:half], deadline) + self._send(
-                client, entries[half:], deadline
+            return self._send(client, entries[:half], budget) + self._send(
+                client, entries[half:], budget
             )
         except TransportError as exc:
             raise PumpTemporaryError(f"Elasticsearch is unreachable: {exc}") from exc

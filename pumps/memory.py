@@ -13,7 +13,8 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.record import AnalyticsRecord
-from pumps.base import Pump
+from pumps.base import NO_ID_REASON, Pump, WriteResult
+from pumps.deadline import Deadline
 from pumps.errors import PumpPermanentError, PumpTemporaryError
 
 
@@ -26,7 +27,7 @@ class MemoryMeta(BaseModel):
     fail_kind: Literal["temporary", "permanent"] = "temporary"
 
 
-class MemoryPump(Pump):
+class MemoryPump(Pump[MemoryMeta]):
     """Keeps records in a process-wide dict; see :meth:`records` and :meth:`reset`."""
 
     Meta = MemoryMeta
@@ -36,8 +37,9 @@ class MemoryPump(Pump):
     _writes: ClassVar[dict[str, int]] = {}
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def write(self, records: Sequence[AnalyticsRecord]) -> None:
-        assert isinstance(self.meta, MemoryMeta)
+    def write(self, records: Sequence[AnalyticsRecord], *, deadline: Deadline) -> WriteResult:
+        """Store the records by id; fail the first ``meta.fail_times`` writes as told."""
+        result = WriteResult()
         with self._lock:
             attempt = self._writes.get(self.name, 0) + 1
             self._writes[self.name] = attempt
@@ -48,19 +50,17 @@ class MemoryPump(Pump):
                 raise PumpTemporaryError(message)
             store = self._stores.setdefault(self.name, {})
             for record in records:
-                store[record.id] = record
+                if record.id:
+                    store[record.id] = record
+                else:
+                    result.rejected.append((record, NO_ID_REASON))
+        return result
 
     @classmethod
     def records(cls, name: str) -> list[AnalyticsRecord]:
         """What pump ``name`` holds, in write order."""
         with cls._lock:
             return list(cls._stores.get(name, {}).values())
-
-    @classmethod
-    def write_attempts(cls, name: str) -> int:
-        """How many times pump ``name`` was asked to write."""
-        with cls._lock:
-            return cls._writes.get(name, 0)
 
     @classmethod
     def reset(cls) -> None:

@@ -34,41 +34,50 @@ Where iam loses or duplicates data, this pump does not:
   safe since writes are upserts); refused credentials raise
   :class:`~pumps.errors.PumpPermanentError`; a document the server refuses (validation, too large,
   bad field) is returned in :class:`~pumps.base.WriteResult` with the reason.
-* Every client timeout derives from the pump's ``timeout``, so a server that is down gives a
-  temporary error within that time instead of pymongo's 30 s default (or iam's endless retry loop).
+* Every write runs by the deadline it is handed (:mod:`pumps.deadline`), so a server that is
+  down gives a temporary error in time instead of pymongo's 30 s default (or iam's endless
+  retry loop).
 
-The shared connection pieces (:class:`MongoConnectionMeta`, :func:`mongo_client`,
-:func:`wrap_mongo_error`, :class:`MongoBasePump`) are used by :mod:`pumps.mongo_aggregate` too.
+The connection keys, client, error classification and open/check/close are shared with
+:mod:`pumps.mongo_aggregate` and live in :mod:`pumps.mongo_connection`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
-from enum import IntEnum
-from typing import Any, ClassVar
+from datetime import datetime
+from operator import attrgetter
+from typing import Any
 
 import pymongo
 from bson.errors import BSONError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pymongo import MongoClient, UpdateOne
+from pydantic import Field, field_validator
+from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import (
     BulkWriteError,
     CollectionInvalid,
-    ConfigurationError,
     DocumentTooLarge,
     OperationFailure,
     PyMongoError,
 )
-from pymongo.uri_parser import parse_uri
 
-from app.config import mask_url
-from app.record import AnalyticsRecord
-from pumps.base import Pump, WriteResult
-from pumps.errors import PumpError, PumpPermanentError, PumpTemporaryError
+from app.record import EXPIRY_FIELD, RECORD_FIELDS, AnalyticsRecord, expiry
+from pumps.base import NO_ID_REASON, WriteResult
+from pumps.deadline import Deadline
+from pumps.errors import PumpPermanentError
+from pumps.mongo_connection import (
+    DUPLICATE_KEY_ERROR_CODE,
+    NAMESPACE_EXISTS_ERROR_CODE,
+    RETRYABLE_ERROR_CODES,
+    MongoBasePump,
+    MongoConnectionMeta,
+    MongoDBType,
+    raise_if_retryable,
+    wrap_mongo_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,51 +85,11 @@ KIB = 1024
 MIB = 1024 * KIB
 GIB = 1024 * MIB
 
-DEFAULT_DATABASE_NAME = "iam_analytics"
-DEFAULT_COLLECTION_NAME = "iam_analytics"
 DEFAULT_MAX_INSERT_BATCH_SIZE_BYTES = 10 * MIB
 DEFAULT_MAX_DOCUMENT_SIZE_BYTES = 10 * MIB
 DEFAULT_COLLECTION_CAP_MAX_SIZE_BYTES = 5 * GIB
 #: MongoDB's own limit on one document (``maxBsonObjectSize``).
 MONGODB_MAX_DOCUMENT_SIZE_BYTES = 16 * MIB
-#: The health check's own deadline, however long the pump's timeout is.
-CHECK_TIMEOUT_S = 2.0
-#: A write ends this long before the pump's timeout, so the pump's own error (naming the cause)
-#: arrives before the write task's soft time limit.
-TIMEOUT_MARGIN_S = 1.0
-#: The shortest budget an operation gets, whatever the pump's timeout.
-MIN_OPERATION_BUDGET_S = 0.5
-
-DUPLICATE_KEY_ERROR_CODE = 11000
-#: Server error codes that mean "try again later": not primary, shutting down, interrupted,
-#: network and time limits, lock and write conflicts, and rate limits of hosted services.
-RETRYABLE_ERROR_CODES = frozenset(
-    {
-        6,  # HostUnreachable
-        7,  # HostNotFound
-        24,  # LockTimeout
-        46,  # LockBusy
-        50,  # MaxTimeMSExpired
-        89,  # NetworkTimeout
-        91,  # ShutdownInProgress
-        112,  # WriteConflict
-        189,  # PrimarySteppedDown
-        262,  # ExceededTimeLimit
-        9001,  # SocketException
-        10107,  # NotWritablePrimary
-        11600,  # InterruptedAtShutdown
-        11602,  # InterruptedDueToReplStateChange
-        13435,  # NotPrimaryNoSecondaryOk
-        13436,  # NotPrimaryOrSecondary
-        16500,  # request rate too large (Cosmos DB's MongoDB API)
-    }
-)
-#: Server error codes that mean the credentials or their rights are wrong: no retry will help.
-AUTH_ERROR_CODES = frozenset({13, 18})  # Unauthorized, AuthenticationFailed
-#: Index creation codes that mean "an index on these keys exists with other options".
-INDEX_CONFLICT_ERROR_CODES = frozenset({85, 86})  # IndexOptionsConflict, IndexKeySpecsConflict
-#: Why a record without an id is refused: upserting it would overwrite another such record.
-NO_ID_REASON = "record has no id, so it cannot be upserted once"
 #: The fields dropped from a document that is too large.
 TRIMMED_FIELDS = ("request", "policies", "deciders")
 
@@ -129,68 +98,15 @@ _BSON_STRING_FRAME_BYTES = 5  # int32 length + trailing NUL
 _BSON_FIXED_VALUE_BYTES = {int: 8, datetime: 8, bool: 1}
 
 
-class MongoDBType(IntEnum):
-    """iam's ``mongo_db_type``."""
-
-    STANDARD = 0
-    AWS_DOCUMENT_DB = 1
-
-
-def _validate_mongo_url(value: str) -> str:
-    if not value.startswith(("mongodb://", "mongodb+srv://")):
-        raise ValueError("must start with mongodb:// or mongodb+srv://")
-    if value.startswith("mongodb://"):
-        # A plain URL is parsed without I/O; an SRV one needs DNS, so it is checked at open().
-        try:
-            parse_uri(value)
-        except (ConfigurationError, ValueError) as exc:
-            raise ValueError(f"not a valid MongoDB URL: {exc}") from None
-    return value
-
-
-def validate_collection_name(value: str) -> str:
-    """Check a MongoDB collection name; raise ValueError naming the rule it breaks."""
-    if not value or "$" in value or "\x00" in value or value.startswith(".") or value.endswith("."):
-        raise ValueError(
-            "a collection name is not empty, has no '$' and no leading or trailing '.'"
-        )
-    return value
-
-
-class MongoConnectionMeta(BaseModel):
-    """The connection keys shared by the ``mongo`` and ``mongo-aggregate`` pumps (iam's names)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mongo_url: str = Field(min_length=1)
-    mongo_use_ssl: bool = False
-    mongo_ssl_insecure_skip_verify: bool = False
-    mongo_ssl_allow_invalid_hostnames: bool = False
-    mongo_ssl_ca_file: str = ""
-    mongo_ssl_pem_keyfile: str = ""
-    mongo_db_type: MongoDBType = MongoDBType.STANDARD
-
-    @field_validator("mongo_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return _validate_mongo_url(value)
-
-
 class MongoMeta(MongoConnectionMeta):
     """``meta`` of the mongo pump (iam's keys; a 0 size means iam's default, as in iam)."""
 
-    collection_name: str = DEFAULT_COLLECTION_NAME
     collection_cap_enable: bool = False
     collection_cap_max_size_bytes: int = Field(default=DEFAULT_COLLECTION_CAP_MAX_SIZE_BYTES, ge=0)
     max_insert_batch_size_bytes: int = Field(default=DEFAULT_MAX_INSERT_BATCH_SIZE_BYTES, ge=0)
     max_document_size_bytes: int = Field(
         default=DEFAULT_MAX_DOCUMENT_SIZE_BYTES, ge=0, le=MONGODB_MAX_DOCUMENT_SIZE_BYTES
     )
-
-    @field_validator("collection_name")
-    @classmethod
-    def _collection(cls, value: str) -> str:
-        return validate_collection_name(value)
 
     @field_validator("collection_cap_max_size_bytes")
     @classmethod
@@ -206,56 +122,6 @@ class MongoMeta(MongoConnectionMeta):
     @classmethod
     def _document_default(cls, value: int) -> int:
         return value or DEFAULT_MAX_DOCUMENT_SIZE_BYTES
-
-
-def mongo_client(meta: MongoConnectionMeta, *, timeout_s: float) -> MongoClient[dict[str, Any]]:
-    """A client whose every timeout is ``timeout_s``; it connects in the background.
-
-    Raises :class:`PumpTemporaryError` when the URL cannot be resolved (an SRV record's DNS).
-    """
-    timeout_ms = max(1, int(timeout_s * 1000))
-    options: dict[str, Any] = {
-        "serverSelectionTimeoutMS": timeout_ms,
-        "connectTimeoutMS": timeout_ms,
-        "socketTimeoutMS": timeout_ms,
-        "appname": "iam-pump",
-        "tz_aware": True,
-    }
-    if meta.mongo_use_ssl:
-        options["tls"] = True
-        if meta.mongo_ssl_insecure_skip_verify:
-            options["tlsInsecure"] = True
-        elif meta.mongo_ssl_allow_invalid_hostnames:
-            options["tlsAllowInvalidHostnames"] = True
-        if meta.mongo_ssl_ca_file:
-            options["tlsCAFile"] = meta.mongo_ssl_ca_file
-        if meta.mongo_ssl_pem_keyfile:
-            options["tlsCertificateKeyFile"] = meta.mongo_ssl_pem_keyfile
-    if meta.mongo_db_type is MongoDBType.AWS_DOCUMENT_DB:
-        options["retryWrites"] = False
-    try:
-        return MongoClient(meta.mongo_url, **options)
-    except ConfigurationError as exc:
-        raise PumpTemporaryError(
-            f"cannot use MongoDB URL {mask_url(meta.mongo_url)}: {exc}"
-        ) from exc
-
-
-def operation_budget_s(timeout_s: float) -> float:
-    """How long one pump operation may take: the pump's timeout less a margin."""
-    return max(MIN_OPERATION_BUDGET_S, timeout_s - TIMEOUT_MARGIN_S)
-
-
-def wrap_mongo_error(exc: PyMongoError, *, doing: str) -> PumpError:
-    """The pump error for a driver error: permanent for refused credentials, else temporary.
-
-    Unknown errors count as temporary: the write task retries them and, if they persist, keeps
-    the batch as a dead letter anyway, whereas a permanent error would skip the retries.
-    """
-    message = f"MongoDB {doing} failed: {type(exc).__name__}: {exc}"
-    if isinstance(exc, OperationFailure) and exc.code in AUTH_ERROR_CODES:
-        return PumpPermanentError(message)
-    return PumpTemporaryError(message)
 
 
 def bson_size_bytes(document: dict[str, Any]) -> int:
@@ -276,142 +142,33 @@ def bson_size_bytes(document: dict[str, Any]) -> int:
     return size
 
 
-def expiry_of(record: AnalyticsRecord) -> datetime | None:
-    """The record's ``expireAt`` as an aware datetime, or None for "never" (unset, Go zero time)."""
-    expire_at = record.expire_at
-    if expire_at is None or expire_at.year <= 1:
-        return None
-    return expire_at if expire_at.tzinfo is not None else expire_at.replace(tzinfo=UTC)
+#: The document fields besides the expiry, and a getter of their values, in schema order.
+_DOCUMENT_NAMES = tuple(spec.json_name for spec in RECORD_FIELDS if spec is not EXPIRY_FIELD)
+_document_values = attrgetter(
+    *(spec.attribute for spec in RECORD_FIELDS if spec is not EXPIRY_FIELD)
+)
 
 
 def record_document(record: AnalyticsRecord) -> dict[str, Any]:
-    """The stored form of a record, without ``_id``: iam's JSON field names."""
-    document: dict[str, Any] = {
-        "timestamp": record.timestamp,
-        "username": record.username,
-        "effect": record.effect,
-        "conclusion": record.conclusion,
-        "request": record.request,
-        "policies": record.policies,
-        "deciders": record.deciders,
-    }
-    expire_at = expiry_of(record)
+    """The stored form of a record, without ``_id``: iam's JSON field names.
+
+    ``expireAt`` is left out for a record that never expires: a TTL index would delete a
+    document with a year-1 time at once.
+    """
+    document: dict[str, Any] = dict(zip(_DOCUMENT_NAMES, _document_values(record), strict=True))
+    expire_at = expiry(record)
     if expire_at is not None:
-        document["expireAt"] = expire_at
+        document[EXPIRY_FIELD.json_name] = expire_at
     return document
 
 
-class MongoBasePump(Pump):
-    """A pump that owns one MongoDB client and collection; subclasses prepare and write.
-
-    :meth:`open` builds the client and runs :meth:`_prepare` (indexes, collection options) under
-    the pump's time budget; if that fails the client is closed and the error raised, so the next
-    attempt opens afresh. :meth:`check` pings with a short deadline; :meth:`close` is idempotent.
-    """
-
-    upserts: ClassVar[bool] = True
-    handles_record_size: ClassVar[bool] = True
-
-    _client: MongoClient[dict[str, Any]] | None = None
-    _collection: Collection[dict[str, Any]] | None = None
-
-    @property
-    def connection_meta(self) -> MongoConnectionMeta:
-        """The validated ``meta``."""
-        assert isinstance(self.meta, MongoConnectionMeta)
-        return self.meta
-
-    @property
-    def collection_name(self) -> str:
-        """The collection written to."""
-        name = getattr(self.meta, "collection_name", DEFAULT_COLLECTION_NAME)
-        return str(name)
-
-    @property
-    def budget_s(self) -> float:
-        """How long one write (all its bulks and retries) may take."""
-        return operation_budget_s(self.timeout_s)
-
-    def open(self) -> None:
-        if self._client is not None:
-            return
-        meta = self.connection_meta
-        client = mongo_client(meta, timeout_s=self.timeout_s)
-        try:
-            database = client.get_default_database(default=DEFAULT_DATABASE_NAME)
-            with pymongo.timeout(self.budget_s):
-                self._prepare(database)
-        except PyMongoError as exc:
-            client.close()
-            raise wrap_mongo_error(exc, doing=f"setup of {self.collection_name!r}") from exc
-        except BaseException:
-            client.close()
-            raise
-        self._client = client
-        self._collection = database[self.collection_name]
-        logger.info(
-            "pump %s: MongoDB %s, database %r, collection %r",
-            self.name,
-            mask_url(meta.mongo_url),
-            database.name,
-            self.collection_name,
-        )
-
-    def _prepare(self, database: Database[dict[str, Any]]) -> None:
-        """Create what the collection needs (indexes, options); idempotent. Runs in :meth:`open`."""
-
-    def _create_index(
-        self, collection: Collection[dict[str, Any]], keys: list[tuple[str, int]], **options: Any
-    ) -> None:
-        """Create an index; one that exists with other options is logged and kept as it is."""
-        try:
-            collection.create_index(keys, **options)
-        except OperationFailure as exc:
-            if exc.code not in INDEX_CONFLICT_ERROR_CODES:
-                raise
-            logger.warning(
-                "pump %s: an index on %s of %r exists with other options; kept as it is: %s",
-                self.name,
-                keys,
-                collection.name,
-                exc,
-            )
-
-    @property
-    def collection(self) -> Collection[dict[str, Any]]:
-        """The open collection; raises :class:`PumpTemporaryError` if the pump is not open."""
-        if self._collection is None:
-            raise PumpTemporaryError(f"pump {self.name!r} is not open")
-        return self._collection
-
-    def check(self) -> None:
-        if self._client is None:
-            raise PumpTemporaryError(f"pump {self.name!r} is not open")
-        try:
-            with pymongo.timeout(min(self.budget_s, CHECK_TIMEOUT_S)):
-                self._client.admin.command("ping")
-        except PyMongoError as exc:
-            raise wrap_mongo_error(exc, doing="ping") from exc
-
-    def close(self) -> None:
-        client, self._client, self._collection = self._client, None, None
-        if client is not None:
-            client.close()
-
-
-class MongoPump(MongoBasePump):
+class MongoPump(MongoBasePump[MongoMeta]):
     """Upserts one document per record; see the module docstring."""
 
     Meta = MongoMeta
 
-    @property
-    def settings(self) -> MongoMeta:
-        """The validated ``meta``."""
-        assert isinstance(self.meta, MongoMeta)
-        return self.meta
-
     def _prepare(self, database: Database[dict[str, Any]]) -> None:
-        meta = self.settings
+        meta = self.meta
         name = meta.collection_name
         if meta.collection_cap_enable:
             self._create_capped(database)
@@ -424,10 +181,12 @@ class MongoPump(MongoBasePump):
                 name,
             )
             return
-        self._create_index(collection, [("expireAt", pymongo.ASCENDING)], expireAfterSeconds=0)
+        self._create_index(
+            collection, [(EXPIRY_FIELD.json_name, pymongo.ASCENDING)], expireAfterSeconds=0
+        )
 
     def _create_capped(self, database: Database[dict[str, Any]]) -> None:
-        meta = self.settings
+        meta = self.meta
         name = meta.collection_name
         if meta.mongo_db_type is MongoDBType.AWS_DOCUMENT_DB:
             logger.warning(
@@ -445,7 +204,7 @@ class MongoPump(MongoBasePump):
         except CollectionInvalid:
             return  # another worker made it first
         except OperationFailure as exc:
-            if exc.code != 48:  # NamespaceExists: another worker made it first
+            if exc.code != NAMESPACE_EXISTS_ERROR_CODE:  # else another worker made it first
                 raise
             return
         logger.info(
@@ -455,14 +214,14 @@ class MongoPump(MongoBasePump):
             meta.collection_cap_max_size_bytes,
         )
 
-    def write(self, records: Sequence[AnalyticsRecord]) -> WriteResult | None:
-        """Upsert the records by id; return those MongoDB refused one by one.
+    def write(self, records: Sequence[AnalyticsRecord], *, deadline: Deadline) -> WriteResult:
+        """Upsert the records by id by ``deadline``; return those MongoDB refused one by one.
 
         Raises :class:`PumpTemporaryError` when a retry may help (the whole batch is then
         redelivered; the bulks written before the failure are upserts, so they are not doubled).
         """
         if not records:
-            return None
+            return WriteResult()
         collection = self.collection
         rejected: list[tuple[AnalyticsRecord, str]] = []
         entries: list[tuple[AnalyticsRecord, dict[str, Any], int]] = []
@@ -473,16 +232,16 @@ class MongoPump(MongoBasePump):
             else:
                 entries.append((record, *prepared))
         try:
-            with pymongo.timeout(self.budget_s):
+            with pymongo.timeout(deadline.operation_budget_s()):
                 for chunk in self._chunks(entries):
                     rejected += self._write_chunk(collection, chunk)
         except PyMongoError as exc:
             raise wrap_mongo_error(exc, doing=f"write to {collection.name!r}") from exc
-        return WriteResult(rejected=rejected) if rejected else None
+        return WriteResult(rejected=rejected)
 
     def _prepared(self, record: AnalyticsRecord) -> tuple[dict[str, Any], int] | str:
         """The record's document and its size, trimmed if too large; or why it cannot be stored."""
-        limit = self.settings.max_document_size_bytes
+        limit = self.meta.max_document_size_bytes
         document = record_document(record)
         document["_id"] = record.id
         size = bson_size_bytes(document)
@@ -512,7 +271,7 @@ class MongoPump(MongoBasePump):
         self, entries: list[tuple[AnalyticsRecord, dict[str, Any], int]]
     ) -> Iterator[list[tuple[AnalyticsRecord, dict[str, Any]]]]:
         """Consecutive runs of entries of at most ``max_insert_batch_size_bytes`` (at least one)."""
-        limit = self.settings.max_insert_batch_size_bytes
+        limit = self.meta.max_insert_batch_size_bytes
         chunk: list[tuple[AnalyticsRecord, dict[str, Any]]] = []
         chunk_bytes = 0
         for record, document, size in entries:
@@ -544,17 +303,10 @@ class MongoPump(MongoBasePump):
             return self._write_encodable(collection, chunk, operations, exc)
         return []
 
-    def _bulk_write(
-        self, collection: Collection[dict[str, Any]], operations: list[UpdateOne]
-    ) -> None:
-        """Send one bulk (a seam: tests wrap it to see the bulks or inject server errors)."""
-        collection.bulk_write(operations, ordered=False)
-
     def _refused(
         self, exc: BulkWriteError, records: list[AnalyticsRecord]
     ) -> list[tuple[AnalyticsRecord, str]]:
         details: dict[str, Any] = dict(exc.details or {})
-        concern_errors = details.get("writeConcernErrors") or []
         retryable = []
         rejected = []
         for error in details.get("writeErrors") or []:
@@ -574,12 +326,7 @@ class MongoPump(MongoBasePump):
                 )
             else:
                 retryable.append(f"code {code} for an unknown operation {index!r}: {message}")
-        if retryable or concern_errors:
-            first = retryable[0] if retryable else f"write concern: {concern_errors[0]}"
-            raise PumpTemporaryError(
-                f"MongoDB bulk write: {len(retryable) + len(concern_errors)} retryable error(s), "
-                f"first: {first}"
-            )
+        raise_if_retryable(retryable, details, doing="bulk write")
         return rejected
 
     def _write_encodable(

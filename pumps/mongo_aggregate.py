@@ -56,7 +56,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import pymongo
-from pydantic import Field, field_validator
+from pydantic import Field
 from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -64,13 +64,14 @@ from pymongo.errors import BulkWriteError, PyMongoError
 
 from app.record import AnalyticsRecord
 from pumps.base import WriteResult
-from pumps.errors import PumpPermanentError, PumpTemporaryError
-from pumps.mongo import (
+from pumps.deadline import Deadline
+from pumps.errors import PumpPermanentError
+from pumps.mongo_connection import (
     DUPLICATE_KEY_ERROR_CODE,
     RETRYABLE_ERROR_CODES,
     MongoBasePump,
     MongoConnectionMeta,
-    validate_collection_name,
+    raise_if_retryable,
     wrap_mongo_error,
 )
 
@@ -101,11 +102,6 @@ class MongoAggregateMeta(MongoConnectionMeta):
     applied_batches_kept: int = Field(
         default=DEFAULT_APPLIED_BATCHES_KEPT, ge=1, le=MAX_APPLIED_BATCHES_KEPT
     )
-
-    @field_validator("collection_name")
-    @classmethod
-    def _collection(cls, value: str) -> str:
-        return validate_collection_name(value)
 
 
 def request_resource(request: str) -> str:
@@ -148,24 +144,18 @@ def document_id(bucket: datetime, dimension: str, value: str) -> str:
     return f"{dimension}|{bucket:%Y-%m-%dT%H:%M}Z|{value}"
 
 
-class MongoAggregatePump(MongoBasePump):
+class MongoAggregatePump(MongoBasePump[MongoAggregateMeta]):
     """Counts records per time bucket and dimension; see the module docstring."""
 
     Meta = MongoAggregateMeta
 
-    @property
-    def settings(self) -> MongoAggregateMeta:
-        """The validated ``meta``."""
-        assert isinstance(self.meta, MongoAggregateMeta)
-        return self.meta
-
     def _prepare(self, database: Database[dict[str, Any]]) -> None:
-        collection = database[self.settings.collection_name]
+        collection = database[self.meta.collection_name]
         self._create_index(
             collection, [("dimension", pymongo.ASCENDING), ("timestamp", pymongo.ASCENDING)]
         )
 
-    def write(self, records: Sequence[AnalyticsRecord]) -> WriteResult | None:
+    def write(self, records: Sequence[AnalyticsRecord], *, deadline: Deadline) -> WriteResult:
         """Add the records to their buckets' counters, once per batch however often delivered.
 
         Raises :class:`PumpTemporaryError` when a retry may help (redelivery is safe: the
@@ -173,7 +163,7 @@ class MongoAggregatePump(MongoBasePump):
         when the server refuses an aggregate document.
         """
         if not records:
-            return None
+            return WriteResult()
         collection = self.collection
         rejected: list[tuple[AnalyticsRecord, str]] = []
         updates: list[tuple[dict[str, Any], dict[str, Any]]] = []
@@ -186,11 +176,11 @@ class MongoAggregatePump(MongoBasePump):
             updates += self._updates(key, self._count(batch_records, rejected))
         if updates:
             try:
-                with pymongo.timeout(self.budget_s):
+                with pymongo.timeout(deadline.operation_budget_s()):
                     self._apply(collection, updates)
             except PyMongoError as exc:
                 raise wrap_mongo_error(exc, doing=f"update of {collection.name!r}") from exc
-        return WriteResult(rejected=rejected) if rejected else None
+        return WriteResult(rejected=rejected)
 
     @staticmethod
     def _by_batch(
@@ -212,7 +202,7 @@ class MongoAggregatePump(MongoBasePump):
         self, records: list[AnalyticsRecord], rejected: list[tuple[AnalyticsRecord, str]]
     ) -> dict[AggregateKey, list[int]]:
         """[hits, allowed, denied] per (bucket start, dimension, value)."""
-        meta = self.settings
+        meta = self.meta
         bucket_s = meta.aggregation_time * 60
         with_username = "username" not in meta.ignore_aggregations
         with_effect = "effect" not in meta.ignore_aggregations
@@ -251,7 +241,7 @@ class MongoAggregatePump(MongoBasePump):
         self, key: str, counters: dict[AggregateKey, list[int]]
     ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """One (filter, update) pair per aggregate document."""
-        kept = self.settings.applied_batches_kept
+        kept = self.meta.applied_batches_kept
         updates = []
         for (start, dimension, value), (hits, allowed, denied) in counters.items():
             bucket = datetime.fromtimestamp(start, UTC)
@@ -286,12 +276,6 @@ class MongoAggregatePump(MongoBasePump):
                 # the update if the key is missing (a concurrent insert won) and else does nothing.
                 collection.update_one(query, change)
 
-    def _bulk_write(
-        self, collection: Collection[dict[str, Any]], operations: list[UpdateOne]
-    ) -> None:
-        """Send one bulk (a seam: tests wrap it to stop half-way or inject server errors)."""
-        collection.bulk_write(operations, ordered=False)
-
     @staticmethod
     def _classify(
         exc: BulkWriteError, updates: list[tuple[dict[str, Any], dict[str, Any]]]
@@ -313,13 +297,7 @@ class MongoAggregatePump(MongoBasePump):
                 refused.append(
                     f"{updates[index][0]['_id'] if isinstance(index, int) else '?'}: {message}"
                 )
-        concern_errors = details.get("writeConcernErrors") or []
-        if retryable or concern_errors:
-            first = retryable[0] if retryable else f"write concern: {concern_errors[0]}"
-            raise PumpTemporaryError(
-                f"MongoDB aggregate update: {len(retryable) + len(concern_errors)} retryable "
-                f"error(s), first: {first}"
-            )
+        raise_if_retryable(retryable, details, doing="aggregate update")
         if refused:
             raise PumpPermanentError(
                 f"MongoDB refused {len(refused)} aggregate document(s), first {refused[0]}; "

@@ -13,7 +13,11 @@ import difflib
 import importlib
 from functools import cache
 from importlib.metadata import entry_points
+from typing import Any
 
+from pydantic import ValidationError
+
+from app.config import validation_problems
 from pumps.base import Pump
 from pumps.errors import PumpConfigError, PumpUnavailableError
 
@@ -27,9 +31,6 @@ BUILTIN_PUMPS: dict[str, str] = {
     "mongo-aggregate": "pumps.mongo_aggregate:MongoAggregatePump",
     "elasticsearch": "pumps.elasticsearch:ElasticsearchPump",
 }
-
-#: The pip extra that brings the driver of a built-in pump whose driver is optional.
-OPTIONAL_EXTRAS: dict[str, str] = {}
 
 
 @cache
@@ -46,7 +47,7 @@ def available_pumps() -> dict[str, str]:
     return pumps
 
 
-def resolve_pump_class(type_name: str) -> type[Pump]:
+def resolve_pump_class(type_name: str) -> type[Pump[Any]]:
     """The class for a pump type; raises :class:`PumpConfigError` with a suggestion if unknown."""
     pumps = available_pumps()
     target = pumps.get(type_name)
@@ -59,10 +60,8 @@ def resolve_pump_class(type_name: str) -> type[Pump]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        extra = OPTIONAL_EXTRAS.get(type_name)
-        how = f"pip install 'iam-pump[{extra}]'" if extra else "install its package"
         raise PumpUnavailableError(
-            f"pump type {type_name!r} needs {exc.name or 'a missing module'}: {how}"
+            f"pump type {type_name!r} needs {exc.name or 'a missing module'}: install its package"
         ) from exc
     pump_class = getattr(module, class_name, None)
     if not (isinstance(pump_class, type) and issubclass(pump_class, Pump)):
@@ -71,11 +70,12 @@ def resolve_pump_class(type_name: str) -> type[Pump]:
 
 
 def meta_problems(pumps: object) -> list[tuple[str, str]]:
-    """Check the raw ``pumps:`` mapping's types and ``meta`` blocks; (key path, message) pairs."""
-    from pydantic import ValidationError
+    """Every problem of the pumps' types and ``meta`` in a raw config mapping, as (path, message).
 
-    from app.config import validation_problems
-
+    Runs on the raw mapping, so a bad pump type or meta is reported together with every other
+    problem of the file. A pump whose driver is missing is not a problem here: only that pump
+    fails, when it is used, naming what to install.
+    """
     if not isinstance(pumps, dict):
         return []
     problems: list[tuple[str, str]] = []

@@ -6,19 +6,26 @@ import json
 import sys
 from collections.abc import Sequence
 
-from app.record import AnalyticsRecord
-from pumps.base import Pump
+from app.record import AnalyticsRecord, expiry
+from pumps.base import NoMeta, Pump, WriteResult
+from pumps.deadline import Deadline
 from pumps.errors import PumpTemporaryError
 
 
-class StdoutPump(Pump):
-    """Prints each record as one JSON object per line (handy under a log collector)."""
+class StdoutPump(Pump[NoMeta]):
+    """Prints each record as one JSON object per line (handy under a log collector).
 
-    def write(self, records: Sequence[AnalyticsRecord]) -> None:
+    ``expireAt`` is ISO 8601, or null when the record never expires.
+    """
+
+    def write(self, records: Sequence[AnalyticsRecord], *, deadline: Deadline) -> WriteResult:
+        """Print the records; a closed or broken stdout is a temporary error."""
+        if not records:
+            return WriteResult()
         lines = []
         for record in records:
             document = record.to_dict()
-            expire_at = record.expire_at
+            expire_at = expiry(record)
             document["expireAt"] = expire_at.isoformat() if expire_at is not None else None
             lines.append(json.dumps(document, ensure_ascii=False))
         try:
@@ -26,3 +33,4 @@ class StdoutPump(Pump):
             sys.stdout.flush()
         except OSError as exc:
             raise PumpTemporaryError(f"cannot write to stdout: {exc.strerror}") from exc
+        return WriteResult()

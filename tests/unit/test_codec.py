@@ -157,3 +157,24 @@ def test_clean_batch_ids_are_batch_and_position() -> None:
     clean = encode_clean_batch(batch_id, good[1:])
     _, records = decode_clean_batch(clean)
     assert [(r.id, r.username) for r in records] == [("B-1", "b"), ("B-2", "c")]
+
+
+def test_the_record_declares_its_attributes_in_schema_order() -> None:
+    """Rows build records by position, so the dataclass order is the schema's."""
+    import dataclasses
+
+    from app.record import RECORD_FIELDS
+
+    attributes = [spec.attribute for spec in RECORD_FIELDS]
+    assert [field.name for field in dataclasses.fields(AnalyticsRecord)] == [*attributes, "id"]
+    assert tuple(spec.go_name for spec in RECORD_FIELDS) == GO_FIELD_NAMES
+
+
+def test_expiry_reads_the_go_zero_time_as_never() -> None:
+    from app.record import expiry, go_expiry
+
+    assert expiry(AnalyticsRecord(expire_at=None)) is None
+    assert expiry(AnalyticsRecord(expire_at=GO_ZERO_TIME)) is None
+    assert go_expiry(AnalyticsRecord(expire_at=None)) == GO_ZERO_TIME
+    naive = datetime(2030, 1, 1)
+    assert expiry(AnalyticsRecord(expire_at=naive)) == naive.replace(tzinfo=UTC)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import multiprocessing
 import time
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ import pytest
 
 from app.record import GO_FIELD_NAMES, AnalyticsRecord
 from pumps.csv import CSVPump, go_time_string, hourly_file_name
+from pumps.deadline import Deadline
 from pumps.errors import PumpTemporaryError
 
 
@@ -44,8 +46,8 @@ def test_header_once_then_rows_with_every_field(tmp_path: Path) -> None:
         deciders="d",
         expire_at=datetime(2030, 1, 1, tzinfo=UTC),
     )
-    pump.write([record])
-    pump.write([record])
+    pump.write([record], deadline=Deadline.after(5))
+    pump.write([record], deadline=Deadline.after(5))
     [path] = tmp_path.glob("*.csv")
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
@@ -74,7 +76,8 @@ def _append(directory: str, worker: int) -> None:
             [
                 AnalyticsRecord(username=f"w{worker}", request=f"{worker}-{batch}-{i}" + "x" * 200)
                 for i in range(100)
-            ]
+            ],
+            deadline=Deadline.after(5),
         )
 
 
@@ -138,3 +141,65 @@ def test_batch_text_reads_back_field_for_field() -> None:
     expected = io.StringIO()
     csv.writer(expected, lineterminator="\n").writerows(csv_row(r) for r in plain)
     assert csv_text(plain) == expected.getvalue()
+
+
+class FailingMidWriteCSVPump(CSVPump):
+    """Lets the kernel take only part of the batch, then fails with ``error``, once."""
+
+    error: OSError | None = None
+
+    def _write_some(self, descriptor: int, data: bytes) -> int:
+        error, self.error = self.error, None
+        if error is None:
+            return super()._write_some(descriptor, data)
+        super()._write_some(descriptor, data[: len(data) // 2])
+        raise error
+
+
+def _batch(tag: str) -> list[AnalyticsRecord]:
+    return [AnalyticsRecord(username=f"{tag}-{i}", request="r" * 100) for i in range(50)]
+
+
+def _rows(directory: Path) -> list[list[str]]:
+    [path] = directory.glob("*.csv")
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        assert next(reader) == list(GO_FIELD_NAMES)
+        return list(reader)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.EIO, "short write"), OSError(errno.ENOSPC, "No space left on device")],
+    ids=["short-write", "enospc"],
+)
+def test_a_write_failing_half_way_leaves_whole_rows_and_its_retry_writes_once(
+    tmp_path: Path, error: OSError
+) -> None:
+    pump = FailingMidWriteCSVPump.create("csv", {"csv_dir": str(tmp_path)}, timeout_s=5)
+    pump.open()
+    before = _batch("before")
+    pump.write(before, deadline=Deadline.after(5))
+    batch = _batch("batch")
+    pump.error = error
+    with pytest.raises(PumpTemporaryError):
+        pump.write(batch, deadline=Deadline.after(5))
+    rows = _rows(tmp_path)
+    assert [row[1] for row in rows] == [record.username for record in before]
+    pump.write(batch, deadline=Deadline.after(5))
+    assert [row[1] for row in _rows(tmp_path)] == [r.username for r in before + batch]
+
+
+class TricklingCSVPump(CSVPump):
+    """The kernel takes at most 1000 bytes per write, as it may near a full disk or on a signal."""
+
+    def _write_some(self, descriptor: int, data: bytes) -> int:
+        return super()._write_some(descriptor, data[:1000])
+
+
+def test_short_writes_are_continued_until_the_batch_is_whole(tmp_path: Path) -> None:
+    pump = TricklingCSVPump.create("csv", {"csv_dir": str(tmp_path)}, timeout_s=5)
+    pump.open()
+    batch = _batch("trickle")
+    assert pump.write(batch, deadline=Deadline.after(5)).rejected == []
+    assert [row[1] for row in _rows(tmp_path)] == [record.username for record in batch]

@@ -45,7 +45,9 @@ def test_a_third_party_pump_comes_from_the_entry_point_group(plugin_dir: Path) -
     install_plugin(
         plugin_dir,
         "mysink = thirdparty_pump:MySink",
-        "from pumps.base import Pump\nclass MySink(Pump):\n    def write(self, records): pass\n",
+        "from pumps.base import Pump, WriteResult\n"
+        "class MySink(Pump):\n"
+        "    def write(self, records, *, deadline): return WriteResult()\n",
     )
     assert registry.resolve_pump_class("mysink").__name__ == "MySink"
 
@@ -60,3 +62,16 @@ def test_a_missing_driver_names_what_to_install(plugin_dir: Path) -> None:
     install_plugin(plugin_dir, "needsdriver = thirdparty_pump:X", "import not_installed_driver\n")
     with pytest.raises(PumpUnavailableError, match="not_installed_driver"):
         registry.resolve_pump_class("needsdriver")
+
+
+def test_meta_problems_name_the_bad_type_and_meta_keys() -> None:
+    problems = registry.meta_problems(
+        {
+            "a": {"type": "stdot"},
+            "b": {"type": "csv", "meta": {"csv_dir": "/tmp/x", "extra": 1}},
+            "c": {"type": "memory"},
+        }
+    )
+    assert [path for path, _ in problems] == ["pumps.a.type", "pumps.b.meta.extra"]
+    assert problems[1][1] == "unknown key"
+    assert registry.meta_problems(None) == []
