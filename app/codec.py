@@ -155,21 +155,7 @@ def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected
     Each good row is prefixed with its position. A bad record never fails the batch; a payload
     that is not an envelope at all raises :class:`MalformedBatchError`.
     """
-    try:
-        # Nearly every batch is valid UTF-8 throughout: decoded strictly, its strings need no
-        # check one by one. Otherwise it is decoded leniently and each record checked.
-        envelope = msgpack.unpackb(payload, raw=False, timestamp=3)
-        checked = True
-    except UnicodeDecodeError:
-        checked = False
-        try:
-            envelope = msgpack.unpackb(
-                payload, raw=False, timestamp=3, unicode_errors="surrogateescape"
-            )
-        except Exception as exc:
-            raise MalformedBatchError(f"batch is not msgpack: {exc}") from exc
-    except Exception as exc:
-        raise MalformedBatchError(f"batch is not msgpack: {exc}") from exc
+    envelope, utf8_checked = _unpack_envelope(payload)
     if not isinstance(envelope, dict) or not isinstance(envelope.get("id"), str):
         raise MalformedBatchError("batch is not a map with a string 'id'")
     batch_id: str = envelope["id"]
@@ -187,18 +173,34 @@ def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected
             except MalformedRecordError as exc:
                 raw = item if isinstance(item, bytes) else msgpack.packb(item, default=repr)
                 rejected.append(Rejected(position, raw, str(exc)))
-    else:
-        rows = envelope.get("records")
-        if not isinstance(rows, list):
-            raise MalformedBatchError("batch has neither 'records' nor 'go' list")
-        for position, row in enumerate(rows):
-            try:
-                if not checked:
-                    _check_strings(row)
-                good.append([position, *validate_row(row)])
-            except MalformedRecordError as exc:
-                rejected.append(Rejected(position, _repack(row), str(exc)))
+        return batch_id, good, rejected
+    rows = envelope.get("records")
+    if not isinstance(rows, list):
+        raise MalformedBatchError("batch has neither 'records' nor 'go' list")
+    for position, row in enumerate(rows):
+        try:
+            if not utf8_checked:
+                _check_strings(row)
+            good.append([position, *validate_row(row)])
+        except MalformedRecordError as exc:
+            rejected.append(Rejected(position, _repack(row), str(exc)))
     return batch_id, good, rejected
+
+
+def _unpack_envelope(payload: bytes) -> tuple[Any, bool]:
+    # Nearly every batch is valid UTF-8 throughout: decoded strictly, its strings need no check
+    # one by one (True). Otherwise it is decoded leniently and each record checked (False).
+    try:
+        return msgpack.unpackb(payload, raw=False, timestamp=3), True
+    except UnicodeDecodeError:
+        pass
+    except Exception as exc:
+        raise MalformedBatchError(f"batch is not msgpack: {exc}") from exc
+    try:
+        lenient = msgpack.unpackb(payload, raw=False, timestamp=3, unicode_errors="surrogateescape")
+    except Exception as exc:
+        raise MalformedBatchError(f"batch is not msgpack: {exc}") from exc
+    return lenient, False
 
 
 def _check_strings(row: Any) -> None:

@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from app.analytics import Analytics, AnalyticsOptions  # noqa: E402
 from app.record import AnalyticsRecord  # noqa: E402
 from pumps.base import Pump  # noqa: E402
+from pumps.deadline import Deadline  # noqa: E402
 from pumps.elasticsearch import record_document as es_document  # noqa: E402
 from pumps.mongo import record_document as mongo_document  # noqa: E402
 from pumps.mongo_aggregate import MongoAggregatePump  # noqa: E402
@@ -123,8 +124,8 @@ def mongo_url(base: str, database: str) -> str:
 def pump_writes(pump: Pump, groups: list[Sequence[AnalyticsRecord]]) -> Callable[[], None]:
     def run() -> None:
         for group in groups:
-            result = pump.write(group)
-            if result is not None and result.rejected:
+            result = pump.write(group, deadline=Deadline.after(pump.timeout_s))
+            if result.rejected:
                 raise RuntimeError(f"{len(result.rejected)} refused: {result.rejected[0][1]}")
 
     return run

@@ -19,6 +19,10 @@ from celery import Celery
 
 from app.record import AnalyticsRecord
 from pumps.csv import CSVPump
+from pumps.deadline import Deadline
+
+#: The naive design's write gets as long as the pump's default timeout.
+NAIVE_WRITE_TIMEOUT_S = 30.0
 
 NAIVE_QUEUE = "bench.naive"
 NAIVE_TASK = "bench.naive.write_one"
@@ -67,4 +71,4 @@ def write_one(row: list[Any]) -> None:
     """Write one record to the CSV pump."""
     *fields, expire_s = row
     record = AnalyticsRecord(*fields, expire_at=datetime.fromtimestamp(expire_s, UTC))
-    _csv_pump().write([record])
+    _csv_pump().write([record], deadline=Deadline.after(NAIVE_WRITE_TIMEOUT_S))

@@ -31,6 +31,7 @@ from app.codec import decode_clean_batch, decode_envelope, encode_clean_batch, e
 from app.config import PumpEntryConfig
 from app.transports import CeleryTransport
 from pumps.csv import CSVPump, csv_row, csv_text, go_time_string
+from pumps.deadline import Deadline
 from pumps.pipeline import build_pipeline, run_pipeline
 
 TITLE = "stage costs per record (no I/O)"
@@ -108,7 +109,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         ("worker", "codec.encode_clean_batch", lambda: encode_clean_batch(batch_id, good)),
         ("worker", "codec.decode_clean_batch (records)", lambda: decode_clean_batch(clean)),
         ("worker", "pipeline (size limit)", lambda: run_pipeline(steps, list(decoded))),
-        ("worker", "CSVPump.write (format + append)", lambda: pump.write(decoded)),
+        (
+            "worker",
+            "CSVPump.write (format + append)",
+            lambda: pump.write(decoded, deadline=Deadline.after(60)),
+        ),
         ("worker", "  of which csv_row for each record", lambda: [csv_row(r) for r in decoded]),
         (
             "worker",

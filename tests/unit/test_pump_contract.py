@@ -19,7 +19,6 @@ import pytest
 from elasticsearch import Elasticsearch
 from pymongo.database import Database
 
-from app.config import parse_settings
 from app.errors import ConfigError
 from app.record import AnalyticsRecord
 from pumps.base import Pump
@@ -29,6 +28,7 @@ from pumps.memory import MemoryPump
 from pumps.mongo import MongoPump
 from pumps.mongo_aggregate import MongoAggregatePump
 from pumps.registry import BUILTIN_PUMPS, resolve_pump_class
+from pumps.settings import parse_pump_settings
 from pumps.stdout import StdoutPump
 from pumps.testing import PumpContract
 from tests.stores import MONGO_URI, es_address, mongo_address, mongo_url_for
@@ -177,7 +177,7 @@ def _config(pumps: dict[str, Any]) -> str:
 
 
 def test_iam_style_meta_loads() -> None:
-    settings = parse_settings(
+    settings = parse_pump_settings(
         _config(
             {
                 "mongo": {
@@ -257,5 +257,5 @@ def test_iam_style_meta_loads() -> None:
 )
 def test_bad_meta_is_named_at_start_up(pump: dict[str, Any], path: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        parse_settings(_config({"p": pump}))
+        parse_pump_settings(_config({"p": pump}))
     assert path in [problem_path for problem_path, _ in caught.value.problems]
