@@ -16,6 +16,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from app.celery_app import app
 from app.codec import decode_clean_batch
+from app.config import DEFAULT_PUMP_TIMEOUT_S
 from app.messages import WRITE_TASK, BatchRef, legacy_ref
 from app.record import AnalyticsRecord
 from app.stores.batches import pump_claim
@@ -83,16 +84,19 @@ def write(
 
     ``payload`` and ``stored`` are the arguments of tasks published by earlier versions.
     """
+    # The soft time limit's instant: Celery started its clock when this task started.
+    entry = self.context.settings.pumps.get(pump_name)
+    deadline = Deadline.after(entry.timeout_s if entry else DEFAULT_PUMP_TIMEOUT_S)
     batch = _ref(self, ref, payload, stored)
     clean = self.load_batch(batch, self.context.batches, group=pump_name)
     if clean is None:
         return {"batch": batch.name, "written": 0}
-    result = _write(self, pump_name, clean)
+    result = _write(self, pump_name, clean, deadline)
     batch.release(self.context.batches, pump_claim(pump_name))
     return result
 
 
-def _write(task: WriteTask, pump: str, clean: bytes) -> dict[str, Any]:
+def _write(task: WriteTask, pump: str, clean: bytes, deadline: Deadline) -> dict[str, Any]:
     context = task.context
     batch_id, records = decode_clean_batch(clean)
     entry = context.settings.pumps.get(pump)
@@ -102,7 +106,7 @@ def _write(task: WriteTask, pump: str, clean: bytes) -> dict[str, Any]:
         return {"batch": batch_id, "written": 0, "dead_lettered": len(records)}
     kept, rejects = run_pipeline(context.pumps.pipeline(pump), records)
     try:
-        refused = _call_sink(task, pump, kept, timeout_s=entry.timeout_s)
+        refused = _call_sink(task, pump, kept, deadline=deadline, timeout_s=entry.timeout_s)
     except PumpPermanentError as exc:
         task.dead_letter(pump, batch_id, clean, records=len(records), error=str(exc))
         return {"batch": batch_id, "written": 0, "dead_lettered": len(records)}
@@ -122,14 +126,19 @@ def _write(task: WriteTask, pump: str, clean: bytes) -> dict[str, Any]:
 
 
 def _call_sink(
-    task: WriteTask, pump: str, kept: list[AnalyticsRecord], *, timeout_s: float
+    task: WriteTask,
+    pump: str,
+    kept: list[AnalyticsRecord],
+    *,
+    deadline: Deadline,
+    timeout_s: float,
 ) -> list[tuple[AnalyticsRecord, str]]:
     """The sink's own call: the records it refused one by one. Any failure but a permanent one
     comes out as :class:`PumpTemporaryError`, so that it is retried."""
     if not kept:
         return []
     try:
-        result = task.context.pumps.pump(pump).write(kept, deadline=Deadline.after(timeout_s))
+        result = task.context.pumps.pump(pump).write(kept, deadline=deadline)
     except (PumpPermanentError, PumpTemporaryError):
         raise
     except SoftTimeLimitExceeded as exc:
