@@ -71,8 +71,11 @@ class ByteStore(Protocol):
         ...
 
 
-class EnvelopeStore:
-    """Envelopes waiting for their ingest task (written by reporters and the purge)."""
+class _KeptBytes:
+    """What both stores share: a client, their keys ``<prefix>:<kind>:<batch id>``, and how long
+    a done marker outlives the bytes."""
+
+    KIND = ""
 
     def __init__(
         self, client: redis.Redis, key_prefix: str, *, done_ttl_s: int = DEFAULT_DEDUP_TTL_S
@@ -82,7 +85,24 @@ class EnvelopeStore:
         self._done_ttl_s = done_ttl_s
 
     def key(self, batch_id: str) -> str:
-        return f"{self._prefix}:envelope:{batch_id}"
+        """The key of a batch's bytes (``*`` as the id gives the pattern of them all)."""
+        return f"{self._prefix}:{self.KIND}:{batch_id}"
+
+    def _count_present(self, probe: Callable[[Any, Any], Any]) -> int:
+        # Keys of this store whose probe answers truthy (non-empty, has data).
+        keys = list(self._client.scan_iter(match=self.key("*"), count=1000))
+        if not keys:
+            return 0
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            probe(pipe, key)
+        return sum(1 for answer in pipe.execute() if answer)
+
+
+class EnvelopeStore(_KeptBytes):
+    """Envelopes waiting for their ingest task (written by reporters and the purge)."""
+
+    KIND = "envelope"
 
     def put(self, batch_id: str, payload: bytes) -> str:
         """Keep ``payload`` (no expiry) and return the key an ingest task should name.
@@ -112,21 +132,13 @@ class EnvelopeStore:
 
     def waiting(self) -> int:
         """How many envelopes wait for their ingest task (scans the keyspace: status, tests)."""
-        return _count_present(self._client, self.key("*"), lambda pipe, key: pipe.strlen(key))
+        return self._count_present(lambda pipe, key: pipe.strlen(key))
 
 
-class BatchStore:
+class BatchStore(_KeptBytes):
     """Clean batches, each held while some pump still has to write it."""
 
-    def __init__(
-        self, client: redis.Redis, key_prefix: str, *, done_ttl_s: int = DEFAULT_DEDUP_TTL_S
-    ) -> None:
-        self._client = client
-        self._prefix = key_prefix
-        self._done_ttl_s = done_ttl_s
-
-    def key(self, batch_id: str) -> str:
-        return f"{self._prefix}:batch:{batch_id}"
+    KIND = "batch"
 
     def hold(self, key: str, clean: bytes, pumps: list[str]) -> None:
         """Keep ``clean`` until each pump of ``pumps`` has released it (idempotent)."""
@@ -164,22 +176,9 @@ class BatchStore:
 
     def held(self) -> int:
         """How many batches are held for some pump (scans the keyspace: status and tests)."""
-        return _count_present(
-            self._client, self.key("*"), lambda pipe, key: pipe.hexists(key, DATA_FIELD)
-        )
+        return self._count_present(lambda pipe, key: pipe.hexists(key, DATA_FIELD))
 
 
 def pump_claim(pump_name: str) -> str:
     """The claim a pump holds on a clean batch until its write task is done with it."""
     return PUMP_CLAIM_PREFIX + pump_name
-
-
-def _count_present(client: redis.Redis, pattern: str, probe: Callable[[Any, Any], Any]) -> int:
-    # Keys matching ``pattern`` whose probe answers truthy (non-empty, has data).
-    keys = list(client.scan_iter(match=pattern, count=1000))
-    if not keys:
-        return 0
-    pipe = client.pipeline(transaction=False)
-    for key in keys:
-        probe(pipe, key)
-    return sum(1 for answer in pipe.execute() if answer)

@@ -51,6 +51,22 @@ class DeadLetter:
     raw: list[bytes] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
 
+    @classmethod
+    def new(
+        cls, group: str, batch_id: str, *, stage: str, error: str, record_count: int, **rest: Any
+    ) -> DeadLetter:
+        """An entry failing now; its id, ``<batch id>:<stage>``, is the same on a redelivery."""
+        return cls(
+            id=f"{batch_id}:{stage}",
+            group=group,
+            stage=stage,
+            batch_id=batch_id,
+            error=error,
+            failed_at=time.time(),
+            record_count=record_count,
+            **rest,
+        )
+
     @property
     def replayable(self) -> bool:
         """True when the entry holds a batch that its pump can be asked to write again."""
@@ -121,13 +137,11 @@ class DeadLetterStore:
         attempts: int = 0,
     ) -> DeadLetter:
         """Keep a whole clean batch that pump ``group`` failed to write."""
-        entry = DeadLetter(
-            id=f"{batch_id}:{stage}",
-            group=group,
+        entry = DeadLetter.new(
+            group,
+            batch_id,
             stage=stage,
-            batch_id=batch_id,
             error=error,
-            failed_at=time.time(),
             record_count=record_count,
             attempts=attempts,
             payload=payload,
@@ -145,13 +159,11 @@ class DeadLetterStore:
     ) -> DeadLetter:
         """Keep records a pump's pipeline or sink refused one by one, as a replayable batch."""
         reasons = [reason for _, reason in rejects]
-        entry = DeadLetter(
-            id=f"{batch_id}:{stage}",
-            group=group,
+        entry = DeadLetter.new(
+            group,
+            batch_id,
             stage=stage,
-            batch_id=batch_id,
             error=reasons[0],
-            failed_at=time.time(),
             record_count=len(rejects),
             payload=encode_clean_batch(batch_id, records_to_clean_rows(r for r, _ in rejects)),
             reasons=reasons,
@@ -164,13 +176,11 @@ class DeadLetterStore:
     ) -> DeadLetter:
         """Keep input that could not be decoded, byte for byte, with each reason."""
         reasons = [item.reason for item in rejected]
-        entry = DeadLetter(
-            id=f"{batch_id}:ingest",
-            group=INGEST_GROUP,
+        entry = DeadLetter.new(
+            INGEST_GROUP,
+            batch_id,
             stage="ingest",
-            batch_id=batch_id,
             error=error or reasons[0],
-            failed_at=time.time(),
             record_count=len(rejected),
             raw=[item.raw for item in rejected],
             reasons=reasons,
@@ -181,15 +191,7 @@ class DeadLetterStore:
     def put_lost(self, group: str, batch_id: str, error: str) -> DeadLetter:
         """Record that a task found its batch's bytes gone from Redis (nothing to replay)."""
         logger.error("%s: %s; its records cannot be delivered", group, error)
-        entry = DeadLetter(
-            id=f"{batch_id}:{LOST_STAGE}",
-            group=group,
-            stage=LOST_STAGE,
-            batch_id=batch_id,
-            error=error,
-            failed_at=time.time(),
-            record_count=0,
-        )
+        entry = DeadLetter.new(group, batch_id, stage=LOST_STAGE, error=error, record_count=0)
         self.put(entry)
         return entry
 
