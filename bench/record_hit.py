@@ -108,7 +108,8 @@ def wait_for_room(analytics: Analytics, room: int) -> None:
     _DISCARD.delete(INGEST_QUEUE)
     limit = analytics.options.records_buffer_size
     deadline = time.monotonic() + ROOM_WAIT_TIMEOUT_S
-    while analytics.stats().buffered + room > limit:
+    # Buffered and in-flight records both count against the bound (the reporter's limit).
+    while (stats := analytics.stats()).buffered + stats.pending + room > limit:
         if time.monotonic() > deadline:
             raise RuntimeError("the reporter's buffer did not drain: is Redis up?")
         time.sleep(0.002)
