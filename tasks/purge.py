@@ -56,11 +56,16 @@ def purge() -> dict[str, Any]:
     Acknowledged early: a purge killed mid-run is not redelivered, the next scheduled run (beat,
     every ``purge-delay`` seconds) carries on from what is still in the list.
     """
-    return drain(current_context(app))
+    return drain()
 
 
-def drain(context: WorkerContext, *, budget_s: float = PURGE_RUN_BUDGET_S) -> dict[str, Any]:
-    """One purge run; returns what it moved. Usable outside Celery (tests, the command line)."""
+def drain(
+    context: WorkerContext | None = None, *, budget_s: float = PURGE_RUN_BUDGET_S
+) -> dict[str, Any]:
+    """One purge run; returns what it moved. Usable outside Celery (tests, the command line):
+    without a context it uses this process's, built from the configuration if need be."""
+    if context is None:
+        context = current_context(app)
     settings = context.settings
     lock = RedisLock(
         context.redis,

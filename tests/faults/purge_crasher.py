@@ -9,7 +9,6 @@ import os
 import sys
 
 from app.celery_app import app
-from app.worker_context import current_context
 from tasks.purge import drain
 
 CRASH_EXIT_STATUS = 86
@@ -26,7 +25,7 @@ def main(point: str) -> None:
         return result
 
     app.send_task = send_then_maybe_die  # type: ignore[method-assign]
-    drain(current_context(app))
+    drain()
     sys.exit(0)
 
 
