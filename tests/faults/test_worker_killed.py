@@ -82,6 +82,9 @@ def test_whole_worker_killed_is_redelivered_within_two_minutes(
     procs += [ingest, pump]
     victim = ingest if role == "ingest" else pump
     assert wait_until(lambda: requests_in(csv_dir), 30)
+    if not broker:
+        # Kill while tasks are held, not in a gap between two fetches (the fault to inject).
+        assert wait_until(lambda: faults_db.hlen("unacked") > 0, 30, interval_s=0.01)
     victim.kill_group(signal.SIGKILL)
     victim.popen.wait(10)
     if not broker:
