@@ -15,9 +15,8 @@ import click
 from celery import Celery, signals
 
 from app import kombu_guard
-from app.config import CONFIG_ENV_VAR, warn_ignored_keys
+from app.config import CONFIG_ENV_VAR, Settings, warn_ignored_keys
 from app.worker_context import WorkerContext, close_context, install_context
-from pumps.settings import load_pump_settings
 
 REMAP_SIGTERM_ENV_VAR = "REMAP_SIGTERM"
 
@@ -56,10 +55,18 @@ def _remap_sigterm(sender: Any, options: dict[str, Any], **_: Any) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "celery", *sys.argv[1:]])
 
 
+def _pump_settings() -> Settings:
+    # The settings celeryconfig validated when Celery configured the app: the file is read once
+    # per process. (Kept under a private name, so `celery inspect conf` does not list it.)
+    settings = app.conf["_pump_settings"]
+    assert isinstance(settings, Settings)
+    return settings
+
+
 @signals.worker_init.connect
 @signals.beat_init.connect
 def _report_ignored_keys(**_: Any) -> None:
-    warn_ignored_keys(load_pump_settings())
+    warn_ignored_keys(_pump_settings())
 
 
 @signals.worker_init.connect
@@ -68,7 +75,7 @@ def _build_context(**_: Any) -> None:
     # In the main process for the solo and threads pools, then afresh in every prefork child
     # after the fork: connections and pumps must not be shared across processes. The copy a
     # child inherits is dropped unclosed (closing would close the parent's sockets).
-    install_context(WorkerContext.build(load_pump_settings(), app))
+    install_context(WorkerContext.build(_pump_settings(), app))
 
 
 @signals.worker_process_shutdown.connect

@@ -15,7 +15,7 @@ Message form (msgpack): ``ingest(ref={"inline": <bytes>} | {"key": <str>})`` and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +93,11 @@ class BatchRef:
 
 
 def legacy_ref(
-    ref: Any, payload: bytes | None, stored: str | None, *, stored_key: Any = None
+    ref: Any,
+    payload: bytes | None,
+    stored: str | None,
+    *,
+    stored_key: Callable[[str], str] | None = None,
 ) -> BatchRef:
     """The reference of a task in either form: ``ref``, or an earlier version's arguments.
 
