@@ -215,6 +215,45 @@ def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.25) -> bo
     return bool(predicate())
 
 
+class MountRefused(RuntimeError):
+    """A small filesystem could not be mounted here (not root, or in a container without it)."""
+
+
+@contextlib.contextmanager
+def small_filesystem(directory: Path, size_bytes: int) -> Iterator[Path]:
+    """A tmpfs of ``size_bytes`` mounted on ``directory`` for the block: a disk that fills.
+
+    Raises :class:`MountRefused` when mounting is not permitted.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        raise MountRefused(f"cannot mount a tmpfs: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def fill_up(directory: Path, *, chunk_bytes: int = 4096) -> Path:
+    """Fill the filesystem holding ``directory`` with one ballast file; returns it."""
+    ballast = directory / "ballast"
+    chunk = b"x" * chunk_bytes
+    with ballast.open("ab", buffering=0) as handle:
+        while True:
+            try:
+                handle.write(chunk)
+            except OSError:
+                if chunk_bytes == 1:
+                    return ballast
+                chunk_bytes = max(1, chunk_bytes // 4)
+                chunk = chunk[:chunk_bytes]
+
+
 @contextlib.contextmanager
 def processes() -> Iterator[list[Proc]]:
     """Collect processes and stop them all, whatever happens."""
