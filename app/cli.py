@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -25,6 +25,9 @@ from app.config import CONFIG_ENV_VAR, Settings, masked, warn_ignored_keys
 from app.errors import ConfigError
 from app.stores.clients import broker_redis_client, redis_client
 from pumps.settings import load_pump_settings
+
+if TYPE_CHECKING:
+    from app.stores.eviction import Finding
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EXIT_OK = 0
@@ -150,6 +153,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from app.health import HealthChecker
     from app.stores.batches import BatchStore, EnvelopeStore
     from app.stores.dead_letters import DeadLetterStore
+    from app.stores.eviction import Verdict
     from app.stores.stats import Stats
 
     settings = _settings(args)
@@ -157,11 +161,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     checker = HealthChecker(settings, client)
     report = checker.check()
     checker.close()
-    print(f"status: {'ok' if report.healthy else 'UNHEALTHY'}")
+    findings = _redis_memory(settings) if report.checks["redis"] == "ok" else []
+    refused = any(finding.verdict is Verdict.REFUSE for finding in findings)
+    print(f"status: {'ok' if report.healthy and not refused else 'UNHEALTHY'}")
     for name, result in report.checks.items():
         print(f"  {name:<24} {result}")
     if report.checks["redis"] != "ok":
         return EXIT_FAILED
+    print("redis memory (a worker refuses to start on 'refused'):")
+    for finding in findings:
+        print(f"  {finding.verdict.value:<9} {finding.message}")
     print(f"redis list {settings.analytics_key}: {client.llen(settings.analytics_key)} records")
     stats = Stats(client, settings).read().values
     for key in sorted(stats):
@@ -174,7 +183,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = DeadLetterStore(client, settings)
     for group in store.groups():
         print(f"dead letters {group}: {store.count(group)} entries")
-    return EXIT_OK if report.healthy else EXIT_FAILED
+    return EXIT_OK if report.healthy and not refused else EXIT_FAILED
+
+
+def _redis_memory(settings: Settings) -> list[Finding]:
+    # Each Redis we keep data on, its eviction policy judged (app/stores/eviction.py).
+    from app.stores.clients import batch_servers
+    from app.stores.eviction import check_servers
+
+    servers = batch_servers(settings)
+    try:
+        return check_servers(settings, servers)
+    finally:
+        for _name, server in servers:
+            server.close()
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:

@@ -197,6 +197,8 @@ class DeliveryConfig(_Model):
     visibility_timeout_s: float | None = Field(default=None, gt=0)
     soft_shutdown_timeout_s: float = Field(default=DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S, ge=0)
     purge_lock_ttl_s: float = Field(default=DEFAULT_PURGE_LOCK_TTL_S, ge=1)
+    #: Start even when a Redis we keep batches on may evict any key (``allkeys-*``).
+    allow_evicting_redis: bool = False
 
 
 class LogConfig(_Model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from app.config import Settings
+from app.config import Settings, mask_url
 
 DEFAULT_REDIS_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_REDIS_SOCKET_TIMEOUT_S = 10.0
@@ -35,3 +35,14 @@ def client_for(url: str, settings: Settings) -> redis.Redis:
         socket_timeout=max(connect_timeout_s, DEFAULT_REDIS_SOCKET_TIMEOUT_S),
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
     )
+
+
+def batch_servers(settings: Settings) -> list[tuple[str, redis.Redis]]:
+    """The Redis servers that keep our data, each named for messages: the ``redis:`` server,
+    and the broker's Redis when that is another server. The caller closes the clients."""
+    state = settings.redis.url
+    servers = [(f"the redis: server ({mask_url(state)})", redis_client(settings))]
+    if settings.batches_on_broker and settings.broker != state:
+        broker = f"the broker's Redis ({mask_url(settings.broker)})"
+        servers.append((broker, client_for(settings.broker, settings)))
+    return servers
