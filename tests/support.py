@@ -215,6 +215,42 @@ def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.25) -> bo
     return bool(predicate())
 
 
+class RedisServer:
+    """A ``redis-server`` of the test's own on a free port (never the shared one), no
+    persistence, with extra ``--name value`` settings; ``client()`` talks to it."""
+
+    def __init__(self, directory: Path, **settings: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(directory)]
+        for name, value in settings.items():
+            args += [f"--{name.replace('_', '-')}", value]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_until(self._answers, 10, interval_s=0.05):
+            self.stop()
+            raise AssertionError(f"redis-server on port {self.port} did not start")
+
+    def client(self, **options: Any) -> Any:
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, **options)
+
+    def _answers(self) -> bool:
+        import redis
+
+        with contextlib.closing(self.client()) as client:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
 class MountRefused(RuntimeError):
     """A small filesystem could not be mounted here (not root, or in a container without it)."""
 
