@@ -1,7 +1,8 @@
 """The delivery policy, in one place: how a task that carries a batch retries, backs off, gives
 up, and never drops its message.
 
-* Redis trouble (``RedisError``) or a soft time limit that lands outside a sink's own call puts
+* Redis trouble (``RedisError``, or kombu's ``OperationalError`` when a follow-up task cannot
+  be published) or a soft time limit that lands outside a sink's own call puts
   the task back for later (:func:`puts_back_on_trouble`), with the backoff of the ``delivery:``
   settings.
 * Putting back never lets the message be dropped. Celery's ``Task.retry`` publishes a new message
@@ -29,6 +30,7 @@ from typing import Any, NoReturn, ParamSpec, TypeVar
 import redis
 from celery import Task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
 
 from app.backoff import backoff_s
 from app.messages import BatchRef
@@ -140,7 +142,9 @@ def puts_back_on_trouble(body: Callable[P, R]) -> Callable[P, R]:
         assert isinstance(task, DeliveryTask)
         try:
             return body(*args, **kwargs)
-        except redis.RedisError as exc:
+        except (redis.RedisError, OperationalError) as exc:
+            # OperationalError: kombu could not publish a follow-up task (a broker that is
+            # away, or a Redis broker that is full): the batch must not be taken for done.
             logger.warning("%s: Redis unavailable (%s); batch put back", task.name, exc)
             task.put_back(exc)
         except SoftTimeLimitExceeded as exc:
