@@ -9,11 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,14 +233,10 @@ class RedisServer:
             self.stop()
             raise AssertionError(f"redis-server on port {self.port} did not start")
 
-    def client(self, **options: Any) -> Any:
-        import redis
-
+    def client(self, **options: Any) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, **options)
 
     def _answers(self) -> bool:
-        import redis
-
         with contextlib.closing(self.client()) as client:
             try:
                 return bool(client.ping())
@@ -249,6 +247,40 @@ class RedisServer:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def fill(client: redis.Redis, *, first: int = 0) -> int:
+    """Write ballast until Redis refuses even a small value with OOM; returns the keys written."""
+    size, index = 1024 * 1024, first
+    while True:
+        try:
+            client.set(f"ballast:{index}", b"x" * size)
+            index += 1
+        except redis.exceptions.OutOfMemoryError:
+            if size <= 64:
+                return index - first
+            size //= 8
+
+
+class KeepFull:
+    """Keeps Redis full from a thread, as another tenant would: whatever the workers free (a
+    written batch's bytes) is taken again at once by more ballast."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self._client = server.client()
+        self._stop = threading.Event()
+        self.keys = fill(self._client)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.keys += fill(self._client, first=self.keys)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._client.close()
 
 
 class MountRefused(RuntimeError):

@@ -9,7 +9,6 @@ import dataclasses
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.conftest import require
 from tests.faults.helpers import await_delivery, make_records, requests_in
 from tests.support import (
     REPO,
+    KeepFull,
     Proc,
     RedisServer,
     base_config,
@@ -45,40 +45,6 @@ def full_redis(tmp_path: Path) -> Iterator[RedisServer]:
     )
     yield server
     server.stop()
-
-
-def fill(client: redis.Redis, *, first: int = 0) -> int:
-    """Write ballast until Redis refuses even a small value with OOM; returns the keys written."""
-    size, index = 1024 * 1024, first
-    while True:
-        try:
-            client.set(f"ballast:{index}", b"x" * size)
-            index += 1
-        except redis.exceptions.OutOfMemoryError:
-            if size <= 64:
-                return index - first
-            size //= 8
-
-
-class KeepFull:
-    """Keeps Redis full from a thread, as another tenant would: whatever the workers free (a
-    written batch's bytes) is taken again at once by more ballast."""
-
-    def __init__(self, server: RedisServer) -> None:
-        self._client = server.client()
-        self._stop = threading.Event()
-        self.keys = fill(self._client)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self.keys += fill(self._client, first=self.keys)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._client.close()
 
 
 def oom(client: redis.Redis) -> bool:
