@@ -118,3 +118,21 @@ def test_a_user_without_config_gets_a_warning_not_a_refusal(server: RedisServer)
 )
 def test_verdicts(policy: str, maxmemory: int, allowed: bool, verdict: Verdict) -> None:
     assert judge("s", policy, maxmemory, allow_evicting=allowed).verdict is verdict
+
+
+def test_the_broker_redis_is_checked_too_when_it_is_another_server() -> None:
+    from app.config import parse_settings
+    from app.stores.clients import batch_servers
+
+    def names(text: str) -> list[str]:
+        servers = batch_servers(parse_settings(text))
+        for _name, client in servers:
+            client.close()
+        return [name for name, _client in servers]
+
+    assert names("redis: {port: 6390}") == ["the redis: server (redis://127.0.0.1:6390/0)"]
+    assert names("redis: {port: 6390}\nbroker-url: redis://:pw@10.0.0.7:6379/1") == [
+        "the redis: server (redis://127.0.0.1:6390/0)",
+        "the broker's Redis (redis://:***@10.0.0.7:6379/1)",
+    ]
+    assert len(names("broker-url: amqp://guest:guest@127.0.0.1:5672//")) == 1
