@@ -22,7 +22,7 @@ REMAP_SIGTERM_ENV_VAR = "REMAP_SIGTERM"
 
 kombu_guard.install()
 
-app = Celery("iam_pump", include=["tasks.ingest", "tasks.purge", "tasks.write"])
+app = Celery("iam_pump", include=["tasks.ingest", "tasks.purge", "tasks.sweep", "tasks.write"])
 app.config_from_object("celeryconfig")
 
 
