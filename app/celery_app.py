@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 kombu_guard.install()
 
-app = Celery("iam_pump", include=["tasks.ingest", "tasks.purge", "tasks.write"])
+app = Celery("iam_pump", include=["tasks.ingest", "tasks.purge", "tasks.sweep", "tasks.write"])
 app.config_from_object("celeryconfig")
 
 

@@ -154,6 +154,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from app.stores.batches import BatchStore, EnvelopeStore
     from app.stores.dead_letters import DeadLetterStore
     from app.stores.eviction import Verdict
+    from app.stores.ledger import Ledger
     from app.stores.stats import Stats
 
     settings = _settings(args)
@@ -180,6 +181,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         waiting = EnvelopeStore(broker, settings.key_prefix).waiting()
         held = BatchStore(broker, settings.key_prefix).held()
         print(f"batches kept on the broker: {waiting} waiting for ingest, {held} for pumps")
+        ledger = Ledger(broker, settings.key_prefix)
+        oldest = ledger.oldest()
+        age = "" if oldest is None else f", oldest last moved {time.time() - oldest:.0f}s ago"
+        print(f"ledger: {ledger.owed()} claims owed{age}")
     store = DeadLetterStore(client, settings)
     for group in store.groups():
         print(f"dead letters {group}: {store.count(group)} entries")

@@ -67,6 +67,10 @@ DEFAULT_PURGE_LOCK_TTL_S = 30.0
 #: On SIGTERM, how long running tasks may go on before the unfinished ones are requeued; keep it
 #: below your orchestrator's grace period (Kubernetes: 30 s).
 DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S = 10.0
+#: A claim on kept bytes with no progress for this long has its task sent again (the ledger
+#: sweep, Redis broker), and how often the sweep looks.
+DEFAULT_REDELIVERY_WINDOW_S = 120.0
+DEFAULT_SWEEP_INTERVAL_S = 30.0
 #: Time the write task's hard limit adds to its soft limit, so a pump can clean up.
 HARD_LIMIT_GRACE_S = 5
 #: The Redis transport redelivers unacknowledged tasks after this margin past the longest task.
@@ -197,6 +201,8 @@ class DeliveryConfig(_Model):
     visibility_timeout_s: float | None = Field(default=None, gt=0)
     soft_shutdown_timeout_s: float = Field(default=DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S, ge=0)
     purge_lock_ttl_s: float = Field(default=DEFAULT_PURGE_LOCK_TTL_S, ge=1)
+    redelivery_window_s: float = Field(default=DEFAULT_REDELIVERY_WINDOW_S, ge=15)
+    sweep_interval_s: float = Field(default=DEFAULT_SWEEP_INTERVAL_S, ge=1)
     #: Start even when a Redis we keep batches on may evict any key (``allkeys-*``).
     allow_evicting_redis: bool = False
 

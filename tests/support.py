@@ -169,7 +169,9 @@ def start_worker(
     return proc
 
 
-def start_beat(config_path: Path, log: Path, tmp_path: Path) -> Proc:
+def start_beat(
+    config_path: Path, log: Path, tmp_path: Path, *, env: dict[str, str] | None = None
+) -> Proc:
     """A real ``celery -A app beat`` subprocess."""
     args = [
         sys.executable,
@@ -183,7 +185,7 @@ def start_beat(config_path: Path, log: Path, tmp_path: Path) -> Proc:
         "-s",
         str(tmp_path / "beat-schedule"),
     ]
-    proc = Proc(args, env=celery_env(config_path), log=log, cwd=REPO)
+    proc = Proc(args, env=env or celery_env(config_path), log=log, cwd=REPO)
     proc.wait_for_output("beat: Starting", timeout_s=60)
     return proc
 

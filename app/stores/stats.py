@@ -27,6 +27,7 @@ class Counter(StrEnum):
     MALFORMED_RECORDS = "malformed_records"
     PURGED_RECORDS = "purged_records"
     LOST_BATCHES = "lost_batches"
+    RESENT_TASKS = "resent_tasks"
 
 
 class PumpCounter(StrEnum):
