@@ -62,6 +62,9 @@ DEFAULT_RECORDS_BUFFER_SIZE = 20_000
 DEFAULT_FLUSH_INTERVAL_MS = 200
 DEFAULT_STORAGE_EXPIRATION_S = 24 * 3600
 DEFAULT_DEDUP_TTL_S = 24 * 3600
+#: Where /healthz and /metrics listen when the file does not say: this machine only (iam's
+#: default is 0.0.0.0:7070; exposing them is a choice made by setting the address).
+DEFAULT_HEALTH_CHECK_ADDRESS = "127.0.0.1:7070"
 #: How long the purge lock outlives a purge that died holding it (renewed at every chunk).
 DEFAULT_PURGE_LOCK_TTL_S = 30.0
 #: On SIGTERM, how long running tasks may go on before the unfinished ones are requeued; keep it
@@ -237,7 +240,7 @@ class Settings(_Model):
 
     purge_delay: int = Field(default=DEFAULT_PURGE_DELAY_S, ge=1)
     health_check_path: str = "healthz"
-    health_check_address: str = "0.0.0.0:7070"
+    health_check_address: str = DEFAULT_HEALTH_CHECK_ADDRESS
     omit_detailed_recording: bool = False
     analytics_key: str = Field(default=DEFAULT_ANALYTICS_KEY, min_length=1)
     key_prefix: str = Field(default=DEFAULT_KEY_PREFIX, min_length=1)
