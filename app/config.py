@@ -44,6 +44,7 @@ from app.config_text import (
     mask_url as mask_url,
 )
 from app.errors import ConfigError
+from app.redaction import DeadLetterFields, Treatment
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class PumpEntryConfig(_Model):
     omit_detailed_recording: bool = False
     max_record_size_bytes: int = Field(default=DEFAULT_MAX_RECORD_SIZE_BYTES, ge=64)
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=100)
+    dead_letters: DeadLetterFields = DeadLetterFields()
     meta: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -249,6 +251,7 @@ class Settings(_Model):
     analytics: AnalyticsConfig = AnalyticsConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
+    dead_letters: DeadLetterFields = DeadLetterFields()
     pumps: dict[str, PumpEntryConfig] = Field(default_factory=dict)
     source: str = Field(default="", exclude=True)
 
@@ -316,6 +319,14 @@ class Settings(_Model):
             + [DEFAULT_PUMP_TIMEOUT_S + HARD_LIMIT_GRACE_S]
         )
         return longest_task_s + self.delivery.retry_backoff_max_s + VISIBILITY_MARGIN_S
+
+    def dead_letter_fields(self, group: str) -> dict[str, Treatment]:
+        """How the dead letters of ``group`` treat ``request`` and ``policies``: the pump's
+        ``dead-letters`` block over the top-level one (which alone governs ``ingest`` and any
+        group that is not a configured pump)."""
+        entry = self.pumps.get(group)
+        own = entry.dead_letters if entry is not None else self.dead_letters
+        return own.over(self.dead_letters)
 
     def ignored_keys(self) -> list[str]:
         """Keys of iam's that were given but have no effect here (reported at start-up)."""
