@@ -130,7 +130,9 @@ def _shape(value: Any) -> str:
 def _not_utf8(exc: UnicodeError) -> str:
     # The position, not the offending bytes or character, which are record content.
     start = getattr(exc, "start", None)
-    return "string is not valid UTF-8" + (f" (at {start})" if isinstance(start, int) else "")
+    return "string is not valid UTF-8" + (
+        f" (byte {start} of a string)" if isinstance(start, int) else ""
+    )
 
 
 def _checked_time(value: Any, name: str) -> datetime:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict
 
-from app.record import RECORD_FIELDS
+from app.record import RECORD_FIELDS, FieldKind, RecordField
 
 #: How a dead letter treats one field: as it is, a placeholder with its size, or emptied.
 Treatment = Literal["keep", "redact", "drop"]
@@ -29,9 +29,7 @@ HIDEABLE_FIELDS: tuple[str, ...] = ("request", "policies")
 #: Values shorter than this are not cut out of error texts (they would match ordinary words).
 MIN_SCRUBBED_LENGTH = 4
 
-_SPECS = {spec.attribute: spec for spec in RECORD_FIELDS}
 _ROW_INDEX = {spec.attribute: index for index, spec in enumerate(RECORD_FIELDS)}
-_GO_NAMES = frozenset(spec.go_name for spec in RECORD_FIELDS)
 
 
 class DeadLetterFields(BaseModel):
@@ -49,8 +47,7 @@ class DeadLetterFields(BaseModel):
     def over(self, fallback: DeadLetterFields) -> dict[str, Treatment]:
         """Every hideable field's treatment: this block's, else ``fallback``'s, else keep."""
         return {
-            name: getattr(self, name) or getattr(fallback, name) or KEEP
-            for name in HIDEABLE_FIELDS
+            name: getattr(self, name) or getattr(fallback, name) or KEEP for name in HIDEABLE_FIELDS
         }
 
 
@@ -73,7 +70,9 @@ def treated(value: Any, how: Treatment) -> Any:
     return placeholder(value if isinstance(value, str) else repr(value))
 
 
-def treat_clean_batch(payload: bytes, treatments: Mapping[str, Treatment]) -> tuple[bytes, list[str]]:
+def treat_clean_batch(
+    payload: bytes, treatments: Mapping[str, Treatment]
+) -> tuple[bytes, list[str]]:
     """A clean batch with the fields treated, and the original values that were hidden."""
     batch = msgpack.unpackb(payload, raw=False)
     removed: list[str] = []
@@ -89,33 +88,48 @@ def treat_raw(raw: bytes, treatments: Mapping[str, Treatment]) -> tuple[bytes, l
     """Bytes of a record that could not be decoded, with the fields treated where they can be
     found (a Go record's map, a reporter's row), else nothing; and the values hidden.
 
-    Keys of a map that are not record fields are left out, as their content is unknown.
+    In what is kept, a value of the wrong type for its field (a string where the timestamp
+    belongs) is replaced by its type's name, and keys that are no record field are left out:
+    their content is unknown.
     """
     wanted = hidden(treatments)
     if not wanted:
         return raw, []
     try:
-        value = msgpack.unpackb(raw, raw=False, unicode_errors="surrogateescape")
+        # Strings stay bytes, so a record whose strings are not UTF-8 is treated like any other.
+        value = msgpack.unpackb(raw, raw=True, strict_map_key=False)
     except Exception:
         return b"", []
-    removed: list[str] = []
     if isinstance(value, dict):
-        value = {key: item for key, item in value.items() if key in _GO_NAMES}
-        for name, how in wanted.items():
-            go_name = _SPECS[name].go_name
-            if go_name in value:
-                removed.append(str(value[go_name]))
-                value[go_name] = treated(value[go_name], how)
+        by_name = {spec.go_name.encode(): spec for spec in RECORD_FIELDS}
+        fields = [(by_name[key], item) for key, item in value.items() if key in by_name]
     elif isinstance(value, list) and len(value) == len(RECORD_FIELDS):
-        for name, how in wanted.items():
-            removed.append(str(value[_ROW_INDEX[name]]))
-            value[_ROW_INDEX[name]] = treated(value[_ROW_INDEX[name]], how)
+        fields = list(zip(RECORD_FIELDS, value, strict=True))
     else:
         return b"", []
-    try:
-        return bytes(msgpack.packb(value, unicode_errors="surrogateescape", default=repr)), removed
-    except Exception:
-        return b"", []
+    removed: list[str] = []
+    kept: list[tuple[RecordField, Any]] = []
+    for spec, item in fields:
+        if not _fits(spec, item):
+            item = f"<{'str' if isinstance(item, bytes) else type(item).__name__}>".encode()
+        elif spec.attribute in wanted:
+            removed.append(item.decode("utf-8", "replace"))
+            item = treated(item.decode("utf-8", "surrogateescape"), wanted[spec.attribute])
+        kept.append((spec, item))
+    if isinstance(value, dict):
+        out: Any = {spec.go_name: item for spec, item in kept}
+    else:
+        out = [item for _, item in kept]
+    return bytes(msgpack.packb(out, use_bin_type=False)), removed
+
+
+def _fits(spec: RecordField, value: Any) -> bool:
+    # Whether a raw value has its field's type (strings unpacked as bytes).
+    if spec.kind is FieldKind.STR:
+        return isinstance(value, bytes)
+    if spec.kind is FieldKind.INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return value is None or isinstance(value, msgpack.Timestamp)
 
 
 def scrub(text: str, values: Iterable[str]) -> str:
