@@ -299,7 +299,7 @@ class Analytics:
             except EncodeError:
                 # Rare: a record with a value msgpack cannot encode. Encoding is tried once per
                 # batch; only then is each record tried alone.
-                rows = self._encodable(rows, records)
+                rows = self._encodable(rows)
                 shipped = self._ship(batch_id, rows)
             self._settle(records, shipped_rows=len(rows) if shipped else None)
 
@@ -335,10 +335,10 @@ class Analytics:
         return rows
 
     @staticmethod
-    def _encodable(rows: list[list[Any]], records: list[AnalyticsRecord]) -> list[list[Any]]:
+    def _encodable(rows: list[list[Any]]) -> list[list[Any]]:
         """The rows that msgpack can encode; each other record is refused and logged."""
         good = []
-        for row, record in zip(rows, records, strict=True):
+        for row in rows:
             try:
                 msgpack.packb(row, datetime=True)
             except Exception as exc:

@@ -128,9 +128,10 @@ def run_scenario(
     expected = {record.request for record in good["go"] + good["py"]}
     lost = len(expected - set(counts))
     duplicated = sum(n - 1 for n in counts.values())
+    entries = [(entry.group, entry.record_count) for entry in all_entries(store)]
     print(
-        f"\n[privacy, {'amqp' if broker else 'redis'}] csv: {len(expected)} expected, lost {lost}, "
-        f"duplicated {duplicated}; dead letters: {[(e.group, e.record_count) for e in all_entries(store)]}"
+        f"\n[privacy, {'amqp' if broker else 'redis'}] csv: {len(expected)} expected, "
+        f"lost {lost}, duplicated {duplicated}; dead letters: {entries}"
     )
     assert lost == 0
     client.close()
