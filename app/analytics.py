@@ -37,7 +37,7 @@ from app.analytics_options import AnalyticsOptions
 from app.analytics_stats import AnalyticsStats, LockFreeCounter
 from app.backoff import backoff_s
 from app.errors import ShipError
-from app.record import AnalyticsRecord
+from app.record import RECORD_FIELDS, AnalyticsRecord
 from app.transports import CeleryTransport, EncodeError, RedisListTransport, Transport
 
 __all__ = ["Analytics", "AnalyticsOptions", "AnalyticsRecord", "AnalyticsStats"]
@@ -299,7 +299,7 @@ class Analytics:
             except EncodeError:
                 # Rare: a record with a value msgpack cannot encode. Encoding is tried once per
                 # batch; only then is each record tried alone.
-                rows = self._encodable(rows, records)
+                rows = self._encodable(rows)
                 shipped = self._ship(batch_id, rows)
             self._settle(records, shipped_rows=len(rows) if shipped else None)
 
@@ -335,15 +335,18 @@ class Analytics:
         return rows
 
     @staticmethod
-    def _encodable(rows: list[list[Any]], records: list[AnalyticsRecord]) -> list[list[Any]]:
+    def _encodable(rows: list[list[Any]]) -> list[list[Any]]:
         """The rows that msgpack can encode; each other record is refused and logged."""
         good = []
-        for row, record in zip(rows, records, strict=True):
+        for row in rows:
             try:
                 msgpack.packb(row, datetime=True)
             except Exception as exc:
+                # Which fields, and of what type: never their values, which are record content.
                 logger.error(
-                    "analytics: record refused, it cannot be encoded: %s (%r)", exc, record
+                    "analytics: record refused, it cannot be encoded (%s): %s",
+                    type(exc).__name__,
+                    _unencodable_fields(row) or "unknown field",
                 )
                 continue
             good.append(row)
@@ -371,3 +374,14 @@ class Analytics:
             # Wakes as soon as stop() is done waiting, rather than sleeping out the backoff.
             if self._closed.wait(pause_s):
                 return False
+
+
+def _unencodable_fields(row: list[Any]) -> str:
+    """The fields of a row msgpack cannot encode, named with their type."""
+    bad = []
+    for spec, value in zip(RECORD_FIELDS, row, strict=False):
+        try:
+            msgpack.packb(value, datetime=True)
+        except Exception:
+            bad.append(f"{spec.attribute} ({type(value).__name__})")
+    return ", ".join(bad)

@@ -88,7 +88,7 @@ def decode_go_record(raw: bytes) -> list[Any]:
     try:
         value = msgpack.unpackb(raw, raw=False, timestamp=3, strict_map_key=True)
     except UnicodeDecodeError as exc:
-        raise MalformedRecordError(f"string is not valid UTF-8: {exc}") from exc
+        raise MalformedRecordError(_not_utf8(exc)) from exc
     except Exception as exc:
         raise MalformedRecordError(f"not msgpack: {exc}") from exc
     if not isinstance(value, dict):
@@ -102,11 +102,13 @@ def decode_go_record(raw: bytes) -> list[Any]:
 def validate_row(row: Any, *, names: Sequence[str] = GO_FIELD_NAMES) -> list[Any]:
     """Check a row's shape and types; return it with its times as aware datetimes."""
     if not isinstance(row, list | tuple) or len(row) != _ROW_LENGTH:
-        raise MalformedRecordError(f"expected a row of {_ROW_LENGTH} values, got {row!r:.80}")
+        raise MalformedRecordError(f"expected a row of {_ROW_LENGTH} values, got {_shape(row)}")
     for index in _INT_INDEXES:
         value = row[index]
         if not isinstance(value, int) or isinstance(value, bool):
-            raise MalformedRecordError(f"{names[index]} must be an integer, got {value!r:.80}")
+            raise MalformedRecordError(
+                f"{names[index]} must be an integer, got {type(value).__name__}"
+            )
     for index in _STRING_INDEXES:
         if not isinstance(row[index], str):
             raise MalformedRecordError(
@@ -116,6 +118,21 @@ def validate_row(row: Any, *, names: Sequence[str] = GO_FIELD_NAMES) -> list[Any
     for index in _TIME_INDEXES:
         checked[index] = _checked_time(checked[index], names[index])
     return checked
+
+
+def _shape(value: Any) -> str:
+    # What a value is, never what it holds: reasons are logged and kept, record content is not.
+    if isinstance(value, list | tuple):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
+def _not_utf8(exc: UnicodeError) -> str:
+    # The position, not the offending bytes or character, which are record content.
+    start = getattr(exc, "start", None)
+    return "string is not valid UTF-8" + (
+        f" (byte {start} of a string)" if isinstance(start, int) else ""
+    )
 
 
 def _checked_time(value: Any, name: str) -> datetime:
@@ -212,7 +229,7 @@ def _check_strings(row: Any) -> None:
                 try:
                     value.encode("utf-8")
                 except UnicodeEncodeError as exc:
-                    raise MalformedRecordError(f"string is not valid UTF-8: {exc}") from exc
+                    raise MalformedRecordError(_not_utf8(exc)) from exc
 
 
 def _repack(value: Any) -> bytes:

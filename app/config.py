@@ -44,6 +44,7 @@ from app.config_text import (
     mask_url as mask_url,
 )
 from app.errors import ConfigError
+from app.redaction import DeadLetterFields, Treatment
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ DEFAULT_RECORDS_BUFFER_SIZE = 20_000
 DEFAULT_FLUSH_INTERVAL_MS = 200
 DEFAULT_STORAGE_EXPIRATION_S = 24 * 3600
 DEFAULT_DEDUP_TTL_S = 24 * 3600
+#: Where /healthz and /metrics listen when the file does not say: this machine only (iam's
+#: default is 0.0.0.0:7070; exposing them is a choice made by setting the address).
+DEFAULT_HEALTH_CHECK_ADDRESS = "127.0.0.1:7070"
 #: How long the purge lock outlives a purge that died holding it (renewed at every chunk).
 DEFAULT_PURGE_LOCK_TTL_S = 30.0
 #: On SIGTERM, how long running tasks may go on before the unfinished ones are requeued; keep it
@@ -109,6 +113,7 @@ class PumpEntryConfig(_Model):
     omit_detailed_recording: bool = False
     max_record_size_bytes: int = Field(default=DEFAULT_MAX_RECORD_SIZE_BYTES, ge=64)
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=100)
+    dead_letters: DeadLetterFields = DeadLetterFields()
     meta: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -239,7 +244,7 @@ class Settings(_Model):
 
     purge_delay: int = Field(default=DEFAULT_PURGE_DELAY_S, ge=1)
     health_check_path: str = "healthz"
-    health_check_address: str = "0.0.0.0:7070"
+    health_check_address: str = DEFAULT_HEALTH_CHECK_ADDRESS
     omit_detailed_recording: bool = False
     analytics_key: str = Field(default=DEFAULT_ANALYTICS_KEY, min_length=1)
     key_prefix: str = Field(default=DEFAULT_KEY_PREFIX, min_length=1)
@@ -248,6 +253,7 @@ class Settings(_Model):
     analytics: AnalyticsConfig = AnalyticsConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
+    dead_letters: DeadLetterFields = DeadLetterFields()
     pumps: dict[str, PumpEntryConfig] = Field(default_factory=dict)
     source: str = Field(default="", exclude=True)
 
@@ -315,6 +321,14 @@ class Settings(_Model):
             + [DEFAULT_PUMP_TIMEOUT_S + HARD_LIMIT_GRACE_S]
         )
         return longest_task_s + self.delivery.retry_backoff_max_s + VISIBILITY_MARGIN_S
+
+    def dead_letter_fields(self, group: str) -> dict[str, Treatment]:
+        """How the dead letters of ``group`` treat ``request`` and ``policies``: the pump's
+        ``dead-letters`` block over the top-level one (which alone governs ``ingest`` and any
+        group that is not a configured pump)."""
+        entry = self.pumps.get(group)
+        own = entry.dead_letters if entry is not None else self.dead_letters
+        return own.over(self.dead_letters)
 
     def ignored_keys(self) -> list[str]:
         """Keys of iam's that were given but have no effect here (reported at start-up)."""
