@@ -17,11 +17,11 @@ COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("connection", ("ping", "hello", "select", "time")),
     (
         "strings: envelopes, locks, purge offsets",
-        ("get", "set", "del", "strlen", "incrby", "expire", "pexpire", "persist", "exists"),
+        ("get", "set", "del", "strlen", "incrby", "expire", "pexpire", "persist"),
     ),
     (
         "lists: iam's list, the Celery queues",
-        ("llen", "lpush", "rpush", "rpop", "brpop", "lrange", "ltrim"),
+        ("llen", "lpush", "rpush", "brpop", "lrange", "ltrim"),
     ),
     (
         "hashes: batches, dead letters, stats, kombu's unacked",
@@ -49,7 +49,7 @@ COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("key scans under our prefix", ("scan",)),
     (
         "pub/sub: Celery remote control and events",
-        ("publish", "psubscribe", "punsubscribe", "subscribe", "unsubscribe"),
+        ("publish", "psubscribe", "punsubscribe"),
     ),
 )
 

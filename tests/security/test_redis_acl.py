@@ -105,7 +105,8 @@ def test_integration_suite_runs_as_the_least_privilege_user(
     output = log.read_text(encoding="utf-8", errors="replace")
     print(f"\nintegration suite as {PUMP_USER}: exit {result.returncode} in {elapsed:.0f}s")
     print(output.strip().splitlines()[-1])
-    assert result.returncode == 0, output[-6000:]
+    failed = [line for line in output.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    assert result.returncode == 0, "\n".join([*failed, output[-6000:]])
 
     admin = _client(acl_redis, ADMIN_USER, ADMIN_PASSWORD)
     denials = admin.acl_log(count=1000)
