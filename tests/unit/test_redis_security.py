@@ -7,7 +7,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from app.config import ConfigError, parse_settings
+from app.config import parse_settings
+from app.errors import ConfigError
 from app.redis_acl import acl_rules, acl_setuser
 from tests.support import REPO
 
