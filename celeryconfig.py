@@ -13,6 +13,7 @@ from kombu import Exchange, Queue
 from app.config import Settings
 from app.errors import ConfigError
 from app.messages import INGEST_QUEUE, PURGE_QUEUE, PURGE_TASK, SWEEP_TASK, pump_queue, route
+from app.stores.clients import check_certificate
 from pumps.settings import load_pump_settings
 
 #: How often kombu's Redis transport looks for unacknowledged tasks to restore.
@@ -23,7 +24,10 @@ UNACKED_MUTEX_EXPIRE_S = 30
 
 def _settings() -> Settings:
     try:
-        return load_pump_settings()
+        settings = load_pump_settings()
+        for url in dict.fromkeys((settings.redis.url, settings.broker)):
+            check_certificate(url, source=settings.source)
+        return settings
     except ConfigError as exc:
         print(f"iam-pump: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

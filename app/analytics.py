@@ -38,6 +38,7 @@ from app.analytics_stats import AnalyticsStats, LockFreeCounter
 from app.backoff import backoff_s
 from app.errors import ShipError
 from app.record import RECORD_FIELDS, AnalyticsRecord
+from app.stores.clients import check_certificate
 from app.transports import CeleryTransport, EncodeError, RedisListTransport, Transport
 
 __all__ = ["Analytics", "AnalyticsOptions", "AnalyticsRecord", "AnalyticsStats"]
@@ -135,7 +136,13 @@ class Analytics:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the cutter and shipping threads (idempotent)."""
+        """Start the cutter and shipping threads (idempotent).
+
+        Raises :class:`~app.errors.ConfigError` when the server's TLS certificate does not
+        verify: shipping would fail for good, so it says which keys to fix at once.
+        """
+        if self._transport is None and self.options.enable and not self._started:
+            check_certificate(self._transport_url)
         with self._lock:
             if self._started or self._stopping.is_set() or not self.options.enable:
                 return
@@ -152,6 +159,12 @@ class Analytics:
             )
         for thread in self._threads:
             thread.start()
+
+    @property
+    def _transport_url(self) -> str:
+        if self.options.transport == "redis-list":
+            return self.options.redis_url
+        return self.options.broker_url
 
     def _make_transport(self) -> Transport:
         if self.options.transport == "redis-list":

@@ -23,7 +23,7 @@ import yaml
 
 from app.config import CONFIG_ENV_VAR, Settings, masked, warn_ignored_keys
 from app.errors import ConfigError
-from app.stores.clients import broker_redis_client, redis_client
+from app.stores.clients import broker_redis_client, check_certificate, redis_client
 from pumps.settings import load_pump_settings
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     if args.config:
         os.environ[CONFIG_ENV_VAR] = os.path.abspath(args.config)
     settings = load_pump_settings(args.config)
+    for url in dict.fromkeys((settings.redis.url, settings.broker)):
+        check_certificate(url, source=settings.source)
     _configure_logging(settings)
     warn_ignored_keys(settings)
     return settings
@@ -211,6 +213,15 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return dead_letter_cli.run(args, settings)
 
 
+def cmd_redis_acl(args: argparse.Namespace) -> int:
+    from app.redis_acl import acl_setuser
+
+    # No connection: this prints what to give a Redis administrator.
+    settings = load_pump_settings(args.config)
+    print(acl_setuser(settings, user=args.user))
+    return EXIT_OK
+
+
 def _add_run(commands: Any, common: argparse.ArgumentParser) -> None:
     run = commands.add_parser(
         "run", parents=[common], help="worker + beat + health endpoint in one command"
@@ -253,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=int, default=200, help="records per second")
     demo.add_argument("--duration", type=float, default=10.0, help="seconds")
     demo.set_defaults(func=cmd_demo)
+
+    acl = commands.add_parser(
+        "redis-acl",
+        parents=[common],
+        help="print the ACL SETUSER line of a Redis user with only what the pump needs",
+    )
+    acl.add_argument("--user", default="iam-pump", help="the Redis user name")
+    acl.set_defaults(func=cmd_redis_acl)
 
     from app import dead_letter_cli
 

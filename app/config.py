@@ -21,7 +21,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import yaml
 from pydantic import (
@@ -143,6 +143,31 @@ class RedisConfig(_Model):
     enable_cluster: bool = False
     use_ssl: bool = False
     ssl_insecure_skip_verify: bool = False
+    #: PEM file of the CA(s) that signed the server's certificate (else the system's CAs).
+    ssl_ca_file: str = ""
+    #: A client certificate and its key (PEM), for a server that asks for one (mutual TLS).
+    ssl_cert_file: str = ""
+    ssl_key_file: str = ""
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> RedisConfig:
+        given = {
+            name: path
+            for name, path in (
+                ("ssl-ca-file", self.ssl_ca_file),
+                ("ssl-cert-file", self.ssl_cert_file),
+                ("ssl-key-file", self.ssl_key_file),
+            )
+            if path
+        }
+        if given and not self.use_ssl:
+            raise ValueError(f"{', '.join(given)}: only used with use-ssl: true")
+        if bool(self.ssl_cert_file) != bool(self.ssl_key_file):
+            raise ValueError("ssl-cert-file and ssl-key-file go together (mutual TLS)")
+        for name, path in given.items():
+            if not os.access(path, os.R_OK) or not os.path.isfile(path):
+                raise ValueError(f"{name}: cannot read {path!r}")
+        return self
 
     @model_validator(mode="after")
     def _supported(self) -> RedisConfig:
@@ -174,9 +199,24 @@ class RedisConfig(_Model):
         if self.password:
             auth = f"{quote(self.username, safe='')}:{quote(self.password, safe='')}@"
         url = f"{scheme}://{auth}{host}:{port}/{self.database}"
-        if self.use_ssl and self.ssl_insecure_skip_verify:
-            url += "?ssl_cert_reqs=none"
+        if self.use_ssl:
+            url += "?" + urlencode(self.tls_options, quote_via=quote)
         return url
+
+    @property
+    def tls_options(self) -> dict[str, str]:
+        """TLS settings as the URL query both redis-py and kombu read (kombu's own default
+        for a bare ``rediss://`` URL is not to verify, so ``ssl_cert_reqs`` is always named)."""
+        skip = self.ssl_insecure_skip_verify
+        options = {"ssl_cert_reqs": "none" if skip else "required"}
+        for name, path in (
+            ("ssl_ca_certs", "" if skip else self.ssl_ca_file),
+            ("ssl_certfile", self.ssl_cert_file),
+            ("ssl_keyfile", self.ssl_key_file),
+        ):
+            if path:
+                options[name] = os.path.abspath(path)
+        return options
 
 
 class AnalyticsConfig(_Model):

@@ -24,6 +24,13 @@ REDIS_HOST = os.environ.get("REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("REDIS_PORT", "6379"))
 #: The Redis database the integration tests own: flushed at the start of every test.
 TEST_REDIS_DB = int(os.environ.get("IAM_PUMP_TEST_REDIS_DB", "11"))
+#: The Redis user the pump's processes log in as (none: the default user).
+REDIS_USERNAME = os.environ.get("REDIS_USERNAME", "")
+REDIS_PASSWORD = os.environ.get("REDIS_PASSWORD", "")
+#: The user the tests themselves use to empty and inspect their database (none: the default
+#: user); a server whose pump user may not FLUSHDB names another one here.
+REDIS_ADMIN_USERNAME = os.environ.get("REDIS_ADMIN_USERNAME") or None
+REDIS_ADMIN_PASSWORD = os.environ.get("REDIS_ADMIN_PASSWORD") or None
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
@@ -46,6 +53,23 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
+def _login() -> dict[str, str]:
+    if not REDIS_PASSWORD:
+        return {}
+    return {"username": REDIS_USERNAME, "password": REDIS_PASSWORD}
+
+
+def admin_redis(db: int = TEST_REDIS_DB, *, port: int = REDIS_PORT) -> redis.Redis:
+    """A client for the tests' own use of the Redis server (flushing, inspecting)."""
+    return redis.Redis(
+        host=REDIS_HOST,
+        port=port,
+        db=db,
+        username=REDIS_ADMIN_USERNAME,
+        password=REDIS_ADMIN_PASSWORD,
+    )
+
+
 def base_config(
     tmp_path: Path, *, redis_port: int = REDIS_PORT, db: int = TEST_REDIS_DB, **overrides: Any
 ) -> dict[str, Any]:
@@ -53,7 +77,7 @@ def base_config(
     config: dict[str, Any] = {
         "purge-delay": 1,
         "health-check-address": f"127.0.0.1:{free_port()}",
-        "redis": {"host": REDIS_HOST, "port": redis_port, "database": db},
+        "redis": {"host": REDIS_HOST, "port": redis_port, "database": db, **_login()},
         "delivery": {"retry-backoff-base-s": 0.2, "retry-backoff-max-s": 2},
         "pumps": {"csv": {"type": "csv", "meta": {"csv_dir": str(tmp_path / "csv")}}},
     }
