@@ -77,6 +77,7 @@ def test_outside_the_acl_is_refused(acl_redis: OwnRedis) -> None:
     pump.close()
 
 
+@pytest.mark.timeout(1000)
 def test_integration_suite_runs_as_the_least_privilege_user(
     acl_redis: OwnRedis, tmp_path: Path
 ) -> None:
