@@ -155,12 +155,16 @@ class PumpMetrics(Collector):
 
     def _ledger(self) -> Iterator[GaugeMetricFamily]:
         ledger = Ledger(self.redis, self.settings.key_prefix)
+        try:
+            claims, oldest = ledger.owed(), ledger.oldest()
+        except redis.RedisError as exc:  # a user without ZCARD, say: the rest still answers
+            logger.warning("metrics: the ledger could not be read: %s", exc)
+            return
         owed = GaugeMetricFamily(
             "iam_pump_ledger_claims", "Claims on kept batches not yet settled (ingest or a pump)."
         )
-        owed.add_metric([], ledger.owed())
+        owed.add_metric([], claims)
         yield owed
-        oldest = ledger.oldest()
         age = GaugeMetricFamily(
             "iam_pump_ledger_oldest_progress_age_seconds",
             "Seconds since the least recently moving claim last made progress (0: none owed).",

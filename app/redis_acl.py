@@ -17,7 +17,7 @@ COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("connection", ("ping", "hello", "select", "time")),
     (
         "strings: envelopes, locks, purge offsets",
-        ("get", "set", "del", "strlen", "incrby", "expire", "pexpire", "persist"),
+        ("get", "set", "del", "strlen", "incrby", "expire", "pexpire", "pttl", "persist"),
     ),
     (
         "lists: iam's list, the Celery queues",
@@ -42,7 +42,7 @@ COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sets: dead-letter groups, kombu's bindings", ("sadd", "srem", "smembers")),
     (
         "sorted sets: kombu's unacked index and bindings, the ledger",
-        ("zadd", "zrem", "zrange", "zrangebyscore", "zscore"),
+        ("zadd", "zrem", "zcard", "zrange", "zrangebyscore", "zscore"),
     ),
     ("scripts: locks, the purge step, kombu", ("eval", "evalsha", "script|load", "script|exists")),
     ("transactions", ("multi", "exec", "discard", "watch", "unwatch")),

@@ -77,7 +77,14 @@ def base_config(
     config: dict[str, Any] = {
         "purge-delay": 1,
         "health-check-address": f"127.0.0.1:{free_port()}",
-        "redis": {"host": REDIS_HOST, "port": redis_port, "database": db, **_login()},
+        # The login from the environment is for the tests' server; a server a test starts for
+        # itself has only the default user.
+        "redis": {
+            "host": REDIS_HOST,
+            "port": redis_port,
+            "database": db,
+            **(_login() if redis_port == REDIS_PORT else {}),
+        },
         "delivery": {"retry-backoff-base-s": 0.2, "retry-backoff-max-s": 2},
         "pumps": {"csv": {"type": "csv", "meta": {"csv_dir": str(tmp_path / "csv")}}},
     }
