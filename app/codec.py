@@ -102,11 +102,11 @@ def decode_go_record(raw: bytes) -> list[Any]:
 def validate_row(row: Any, *, names: Sequence[str] = GO_FIELD_NAMES) -> list[Any]:
     """Check a row's shape and types; return it with its times as aware datetimes."""
     if not isinstance(row, list | tuple) or len(row) != _ROW_LENGTH:
-        raise MalformedRecordError(f"expected a row of {_ROW_LENGTH} values, got {row!r:.80}")
+        raise MalformedRecordError(f"expected a row of {_ROW_LENGTH} values, got {_brief(row)}")
     for index in _INT_INDEXES:
         value = row[index]
         if not isinstance(value, int) or isinstance(value, bool):
-            raise MalformedRecordError(f"{names[index]} must be an integer, got {value!r:.80}")
+            raise MalformedRecordError(f"{names[index]} must be an integer, got {_brief(value)}")
     for index in _STRING_INDEXES:
         if not isinstance(row[index], str):
             raise MalformedRecordError(
@@ -159,6 +159,8 @@ def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected
     if not isinstance(envelope, dict) or not isinstance(envelope.get("id"), str):
         raise MalformedBatchError("batch is not a map with a string 'id'")
     batch_id: str = envelope["id"]
+    if not utf8_checked and not _is_utf8(batch_id):
+        raise MalformedBatchError(f"batch id is not valid UTF-8: {batch_id!r:.80}")
     good: list[list[Any]] = []
     rejected: list[Rejected] = []
     if "go" in envelope:
@@ -171,7 +173,7 @@ def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected
                     raise MalformedRecordError("Go record is not bytes")
                 good.append([position, *decode_go_record(item)])
             except MalformedRecordError as exc:
-                raw = item if isinstance(item, bytes) else msgpack.packb(item, default=repr)
+                raw = item if isinstance(item, bytes) else _repack(item)
                 rejected.append(Rejected(position, raw, str(exc)))
         return batch_id, good, rejected
     rows = envelope.get("records")
@@ -203,6 +205,15 @@ def _unpack_envelope(payload: bytes) -> tuple[Any, bool]:
     return lenient, False
 
 
+def _is_utf8(text: str) -> bool:
+    # A string decoded leniently holds surrogates where its bytes were not UTF-8.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_strings(row: Any) -> None:
     # The envelope is decoded leniently so one bad string cannot sink the batch; a string that
     # needed escaping was not UTF-8 and its record is set aside.
@@ -221,7 +232,17 @@ def _repack(value: Any) -> bytes:
             msgpack.packb(value, datetime=True, unicode_errors="surrogateescape", default=repr)
         )
     except Exception:
-        return repr(value).encode("utf-8", "backslashreplace")
+        return _brief(value).encode("utf-8", "backslashreplace")
+
+
+def _brief(value: Any) -> str:
+    # A bad value as a reason quotes it: a container by its size (its repr could be huge, or
+    # nested deeper than repr can go), anything else by the start of its repr.
+    if isinstance(value, list | tuple | dict):
+        return f"{type(value).__name__} of {len(value)} item(s)"
+    if isinstance(value, str | bytes):
+        value = value[:80]
+    return f"{value!r:.80}"
 
 
 def encode_clean_batch(batch_id: str, rows: Sequence[Sequence[Any]]) -> bytes:
@@ -232,29 +253,52 @@ def encode_clean_batch(batch_id: str, rows: Sequence[Sequence[Any]]) -> bytes:
 def decode_clean_batch(payload: bytes) -> tuple[str, list[AnalyticsRecord]]:
     """The records of a clean batch, each with its stable id.
 
+    Raises :class:`MalformedBatchError` if the payload is not a clean batch (not msgpack, not a
+    map with a string ``id`` and a ``records`` list, a row of the wrong length or types).
+
     A row's values are in :data:`~app.record.RECORD_FIELDS` order, which is the order of
     :class:`~app.record.AnalyticsRecord`'s attributes (a test pins both), so a record is built
     by position. The row is unpacked into names rather than sliced: slicing each row costs a
     tenth more per batch, and this runs for every batch in every write task.
     """
-    batch = msgpack.unpackb(payload, raw=False, timestamp=3)
-    batch_id: str = batch["id"]
-    return batch_id, [
-        AnalyticsRecord(
-            ts,
-            user,
-            effect,
-            conclusion,
-            request,
-            policies,
-            deciders,
-            expire_at,
-            f"{batch_id}-{position}",
-        )
-        for position, ts, user, effect, conclusion, request, policies, deciders, expire_at in batch[
-            "records"
+    try:
+        batch = msgpack.unpackb(payload, raw=False, timestamp=3)
+    except Exception as exc:
+        raise MalformedBatchError(f"clean batch is not msgpack: {exc}") from exc
+    try:
+        batch_id = batch["id"]
+        records = [
+            AnalyticsRecord(
+                ts,
+                user,
+                effect,
+                conclusion,
+                request,
+                policies,
+                deciders,
+                expire_at,
+                f"{batch_id}-{position}",
+            )
+            for position, ts, user, effect, conclusion, request, policies, deciders, expire_at in (
+                batch["records"]
+            )
+            # A row ingest did not write is left out, and the count below catches it.
+            if type(position) is int
+            and position >= 0
+            and type(ts) is int
+            and type(user) is str
+            and type(effect) is str
+            and type(conclusion) is str
+            and type(request) is str
+            and type(policies) is str
+            and type(deciders) is str
+            and (expire_at is None or type(expire_at) is datetime)
         ]
-    ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedBatchError(f"not a clean batch: {exc!r:.120}") from exc
+    if not isinstance(batch_id, str) or len(records) != len(batch["records"]):
+        raise MalformedBatchError("not a clean batch: no string 'id', or a row of the wrong types")
+    return batch_id, records
 
 
 def records_to_clean_rows(records: Iterable[AnalyticsRecord]) -> list[list[Any]]:
