@@ -121,7 +121,10 @@ def validate_row(row: Any, *, names: Sequence[str] = GO_FIELD_NAMES) -> list[Any
 def _checked_time(value: Any, name: str) -> datetime:
     # A Go producer sends nil for a time it never set; that is Go's zero time.
     if isinstance(value, msgpack.Timestamp):
-        converted: datetime = value.to_datetime()
+        try:
+            converted: datetime = value.to_datetime()
+        except (OverflowError, ValueError) as exc:
+            raise MalformedRecordError(f"{name} is out of range: {exc}") from exc
         return converted
     if value is None:
         return GO_ZERO_TIME
@@ -190,16 +193,16 @@ def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected
 
 
 def _unpack_envelope(payload: bytes) -> tuple[Any, bool]:
-    # Nearly every batch is valid UTF-8 throughout: decoded strictly, its strings need no check
-    # one by one (True). Otherwise it is decoded leniently and each record checked (False).
+    # Nearly every batch is valid UTF-8 throughout, its times in datetime's range: decoded
+    # strictly, its strings need no check one by one (True). Otherwise it is decoded leniently,
+    # times kept as msgpack timestamps, and each record checked (False), so that one bad string
+    # or time sets aside its record rather than the batch.
     try:
         return msgpack.unpackb(payload, raw=False, timestamp=3), True
-    except UnicodeDecodeError:
+    except Exception:
         pass
-    except Exception as exc:
-        raise MalformedBatchError(f"batch is not msgpack: {exc}") from exc
     try:
-        lenient = msgpack.unpackb(payload, raw=False, timestamp=3, unicode_errors="surrogateescape")
+        lenient = msgpack.unpackb(payload, raw=False, timestamp=0, unicode_errors="surrogateescape")
     except Exception as exc:
         raise MalformedBatchError(f"batch is not msgpack: {exc}") from exc
     return lenient, False

@@ -3,8 +3,9 @@
 Target: :func:`app.codec.decode_envelope`.
 Documented error: :class:`app.codec.MalformedBatchError` (the payload is not an envelope at
 all); a bad record never fails the batch but comes back as a :class:`~app.codec.Rejected` with
-its reason. Anything else is a bug. Contract checked beyond not crashing: every record of the
-envelope comes back exactly once, good or rejected (none lost, none doubled); good rows are
+its reason. Anything else is a bug. Contract checked beyond not crashing: a well-formed envelope
+is never rejected whole; every record of the envelope comes back exactly once, good or rejected
+(none lost, none doubled); good rows are
 valid rows; rejects carry their raw bytes and a reason; the clean batch built from the good
 rows decodes to the same records.
 
@@ -35,16 +36,19 @@ with instrumented():
 DOCUMENTED_ERRORS = (MalformedBatchError,)
 
 
-def record_count(payload: bytes) -> int | None:
-    """How many records the envelope holds, read independently of the decoder (None: unknown)."""
+def items_of(payload: bytes) -> list[Any] | None:
+    """The envelope's records read independently of the decoder; None if it is no envelope.
+
+    An envelope is a map with a UTF-8 string ``id`` and a ``go`` list, or no ``go`` and a
+    ``records`` list; whatever the records hold, the decoder must not reject it whole.
+    """
     try:
         envelope = msgpack.unpackb(payload, raw=False, unicode_errors="surrogateescape")
+        envelope["id"].encode("utf-8")
     except Exception:
         return None
-    if not isinstance(envelope, dict):
-        return None
     items = envelope.get("go") if "go" in envelope else envelope.get("records")
-    return len(items) if isinstance(items, list) else None
+    return items if isinstance(items, list) else None
 
 
 def decode(payload: bytes) -> None:
@@ -53,13 +57,15 @@ def decode(payload: bytes) -> None:
         batch_id, good, rejected = decode_envelope(payload)
     except DOCUMENTED_ERRORS as exc:
         check(bool(str(exc)), "a rejected batch carries no reason")
+        check(items_of(payload) is None, f"a whole envelope was rejected for one record: {exc}")
         return
     check(isinstance(batch_id, str), "the batch id is not a string")
     positions = [row[0] for row in good] + [reject.position for reject in rejected]
-    count = record_count(payload)
-    check(count is not None, "a payload that is no envelope was accepted")
+    items = items_of(payload)
+    check(items is not None, "a payload that is no envelope was accepted")
+    count = len(items or ())
     check(
-        sorted(positions) == list(range(count or 0)),
+        sorted(positions) == list(range(count)),
         f"{count} records in, positions out {sorted(positions)!r:.200}",
     )
     for row in good:

@@ -54,6 +54,18 @@ def test_a_row_nested_deeper_than_repr_can_go_is_rejected() -> None:
     assert rejected[0].reason == "expected a row of 8 values, got list of 1 item(s)"
 
 
+def test_a_time_out_of_datetimes_range_sets_aside_its_record_only() -> None:
+    # Decoding the envelope raised OverflowError, and the whole batch was set aside.
+    far = list(GOOD_ROW)
+    far[7] = msgpack.Timestamp(2**40, 0)
+    payload = msgpack.packb({"id": "b", "records": [GOOD_ROW, far]})
+    _, good, rejected = decode_envelope(payload)
+    assert [row[0] for row in good] == [0]
+    assert [(reject.position, reject.reason[:25]) for reject in rejected] == [
+        (1, "ExpireAt is out of range:")
+    ]
+
+
 @pytest.mark.parametrize(
     "payload",
     [
