@@ -1,7 +1,8 @@
 """Write the hand-made part of the seed corpus: ``python -m fuzz.seeds``.
 
 Real-looking valid inputs for each harness, in ``fuzz/corpus/<target>/seed-*``; the inputs the
-fuzzer found (``crash-*``, ``found-*``) sit beside them and are kept as they are.
+fuzzer found (``found-*``: ones that crashed a decoder before it was fixed, and the corpus of a
+five-minute run) sit beside them and are kept as they are.
 """
 
 from __future__ import annotations
