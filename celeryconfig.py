@@ -12,7 +12,8 @@ from kombu import Exchange, Queue
 
 from app.config import Settings
 from app.errors import ConfigError
-from app.messages import INGEST_QUEUE, PURGE_QUEUE, PURGE_TASK, pump_queue, route
+from app.messages import INGEST_QUEUE, PURGE_QUEUE, PURGE_TASK, SWEEP_TASK, pump_queue, route
+from app.stores.clients import check_certificate
 from pumps.settings import load_pump_settings
 
 #: How often kombu's Redis transport looks for unacknowledged tasks to restore.
@@ -23,7 +24,10 @@ UNACKED_MUTEX_EXPIRE_S = 30
 
 def _settings() -> Settings:
     try:
-        return load_pump_settings()
+        settings = load_pump_settings()
+        for url in dict.fromkeys((settings.redis.url, settings.broker)):
+            check_certificate(url, source=settings.source)
+        return settings
     except ConfigError as exc:
         print(f"iam-pump: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -86,5 +90,12 @@ beat_schedule = {
         "task": PURGE_TASK,
         "schedule": float(_pump_settings.purge_delay),
         "options": {"queue": PURGE_QUEUE, "expires": float(_pump_settings.purge_delay)},
-    }
+    },
+    # Sends again the task of any kept batch whose claim made no progress for the redelivery
+    # window (a task message lost by the broker or an operator): tasks/sweep.py.
+    "sweep-ledger": {
+        "task": SWEEP_TASK,
+        "schedule": _pump_settings.delivery.sweep_interval_s,
+        "options": {"queue": PURGE_QUEUE, "expires": _pump_settings.delivery.sweep_interval_s},
+    },
 }

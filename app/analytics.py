@@ -37,7 +37,8 @@ from app.analytics_options import AnalyticsOptions
 from app.analytics_stats import AnalyticsStats, LockFreeCounter
 from app.backoff import backoff_s
 from app.errors import ShipError
-from app.record import AnalyticsRecord
+from app.record import RECORD_FIELDS, AnalyticsRecord
+from app.stores.clients import check_certificate
 from app.transports import CeleryTransport, EncodeError, RedisListTransport, Transport
 
 __all__ = ["Analytics", "AnalyticsOptions", "AnalyticsRecord", "AnalyticsStats"]
@@ -135,7 +136,13 @@ class Analytics:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the cutter and shipping threads (idempotent)."""
+        """Start the cutter and shipping threads (idempotent).
+
+        Raises :class:`~app.errors.ConfigError` when the server's TLS certificate does not
+        verify: shipping would fail for good, so it says which keys to fix at once.
+        """
+        if self._transport is None and self.options.enable and not self._started:
+            check_certificate(self._transport_url)
         with self._lock:
             if self._started or self._stopping.is_set() or not self.options.enable:
                 return
@@ -152,6 +159,12 @@ class Analytics:
             )
         for thread in self._threads:
             thread.start()
+
+    @property
+    def _transport_url(self) -> str:
+        if self.options.transport == "redis-list":
+            return self.options.redis_url
+        return self.options.broker_url
 
     def _make_transport(self) -> Transport:
         if self.options.transport == "redis-list":
@@ -299,7 +312,7 @@ class Analytics:
             except EncodeError:
                 # Rare: a record with a value msgpack cannot encode. Encoding is tried once per
                 # batch; only then is each record tried alone.
-                rows = self._encodable(rows, records)
+                rows = self._encodable(rows)
                 shipped = self._ship(batch_id, rows)
             self._settle(records, shipped_rows=len(rows) if shipped else None)
 
@@ -335,15 +348,18 @@ class Analytics:
         return rows
 
     @staticmethod
-    def _encodable(rows: list[list[Any]], records: list[AnalyticsRecord]) -> list[list[Any]]:
+    def _encodable(rows: list[list[Any]]) -> list[list[Any]]:
         """The rows that msgpack can encode; each other record is refused and logged."""
         good = []
-        for row, record in zip(rows, records, strict=True):
+        for row in rows:
             try:
                 msgpack.packb(row, datetime=True)
             except Exception as exc:
+                # Which fields, and of what type: never their values, which are record content.
                 logger.error(
-                    "analytics: record refused, it cannot be encoded: %s (%r)", exc, record
+                    "analytics: record refused, it cannot be encoded (%s): %s",
+                    type(exc).__name__,
+                    _unencodable_fields(row) or "unknown field",
                 )
                 continue
             good.append(row)
@@ -371,3 +387,14 @@ class Analytics:
             # Wakes as soon as stop() is done waiting, rather than sleeping out the backoff.
             if self._closed.wait(pause_s):
                 return False
+
+
+def _unencodable_fields(row: list[Any]) -> str:
+    """The fields of a row msgpack cannot encode, named with their type."""
+    bad = []
+    for spec, value in zip(RECORD_FIELDS, row, strict=False):
+        try:
+            msgpack.packb(value, datetime=True)
+        except Exception:
+            bad.append(f"{spec.attribute} ({type(value).__name__})")
+    return ", ".join(bad)

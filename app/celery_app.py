@@ -7,6 +7,7 @@ first configured.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -16,13 +17,20 @@ from celery import Celery, signals
 
 from app import kombu_guard
 from app.config import CONFIG_ENV_VAR, Settings, warn_ignored_keys
+from app.stores.clients import batch_servers
+from app.stores.eviction import Verdict, check_servers
 from app.worker_context import WorkerContext, close_context, install_context
 
 REMAP_SIGTERM_ENV_VAR = "REMAP_SIGTERM"
 
+#: The exit status of a worker that refuses to start, the same as for a bad configuration.
+EXIT_REFUSED = 2
+
+logger = logging.getLogger(__name__)
+
 kombu_guard.install()
 
-app = Celery("iam_pump", include=["tasks.ingest", "tasks.purge", "tasks.write"])
+app = Celery("iam_pump", include=["tasks.ingest", "tasks.purge", "tasks.sweep", "tasks.write"])
 app.config_from_object("celeryconfig")
 
 
@@ -67,6 +75,24 @@ def _pump_settings() -> Settings:
 @signals.beat_init.connect
 def _report_ignored_keys(**_: Any) -> None:
     warn_ignored_keys(_pump_settings())
+
+
+@signals.worker_init.connect
+def _check_redis_memory(**_: Any) -> None:
+    # Before anything is consumed: a Redis that may evict held batches stops the worker, as a
+    # bad config does (app/stores/eviction.py).
+    servers = batch_servers(_pump_settings())
+    try:
+        findings = check_servers(_pump_settings(), servers)
+    finally:
+        for _name, client in servers:
+            client.close()
+    for finding in findings:
+        if finding.verdict is Verdict.REFUSE:
+            print(f"iam-pump: refusing to start: {finding.message}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_REFUSED)
+        if finding.verdict is Verdict.WARN:
+            logger.warning("%s", finding.message)
 
 
 @signals.worker_init.connect

@@ -17,14 +17,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from app.config import CONFIG_ENV_VAR, Settings, masked, warn_ignored_keys
 from app.errors import ConfigError
-from app.stores.clients import broker_redis_client, redis_client
+from app.stores.clients import broker_redis_client, check_certificate, redis_client
 from pumps.settings import load_pump_settings
+
+if TYPE_CHECKING:
+    from app.stores.eviction import Finding
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EXIT_OK = 0
@@ -63,6 +66,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     if args.config:
         os.environ[CONFIG_ENV_VAR] = os.path.abspath(args.config)
     settings = load_pump_settings(args.config)
+    for url in dict.fromkeys((settings.redis.url, settings.broker)):
+        check_certificate(url, source=settings.source)
     _configure_logging(settings)
     warn_ignored_keys(settings)
     return settings
@@ -150,6 +155,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from app.health import HealthChecker
     from app.stores.batches import BatchStore, EnvelopeStore
     from app.stores.dead_letters import DeadLetterStore
+    from app.stores.eviction import Verdict
+    from app.stores.ledger import Ledger
     from app.stores.stats import Stats
 
     settings = _settings(args)
@@ -157,11 +164,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     checker = HealthChecker(settings, client)
     report = checker.check()
     checker.close()
-    print(f"status: {'ok' if report.healthy else 'UNHEALTHY'}")
+    findings = _redis_memory(settings) if report.checks["redis"] == "ok" else []
+    refused = any(finding.verdict is Verdict.REFUSE for finding in findings)
+    print(f"status: {'ok' if report.healthy and not refused else 'UNHEALTHY'}")
     for name, result in report.checks.items():
         print(f"  {name:<24} {result}")
     if report.checks["redis"] != "ok":
         return EXIT_FAILED
+    print("redis memory (a worker refuses to start on 'refused'):")
+    for finding in findings:
+        print(f"  {finding.verdict.value:<9} {finding.message}")
     print(f"redis list {settings.analytics_key}: {client.llen(settings.analytics_key)} records")
     stats = Stats(client, settings).read().values
     for key in sorted(stats):
@@ -171,10 +183,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         waiting = EnvelopeStore(broker, settings.key_prefix).waiting()
         held = BatchStore(broker, settings.key_prefix).held()
         print(f"batches kept on the broker: {waiting} waiting for ingest, {held} for pumps")
+        ledger = Ledger(broker, settings.key_prefix)
+        oldest = ledger.oldest()
+        age = "" if oldest is None else f", oldest last moved {time.time() - oldest:.0f}s ago"
+        print(f"ledger: {ledger.owed()} claims owed{age}")
     store = DeadLetterStore(client, settings)
     for group in store.groups():
         print(f"dead letters {group}: {store.count(group)} entries")
-    return EXIT_OK if report.healthy else EXIT_FAILED
+    return EXIT_OK if report.healthy and not refused else EXIT_FAILED
+
+
+def _redis_memory(settings: Settings) -> list[Finding]:
+    # Each Redis we keep data on, its eviction policy judged (app/stores/eviction.py).
+    from app.stores.clients import batch_servers
+    from app.stores.eviction import check_servers
+
+    servers = batch_servers(settings)
+    try:
+        return check_servers(settings, servers)
+    finally:
+        for _name, server in servers:
+            server.close()
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -182,6 +211,15 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     return dead_letter_cli.run(args, settings)
+
+
+def cmd_redis_acl(args: argparse.Namespace) -> int:
+    from app.redis_acl import acl_setuser
+
+    # No connection: this prints what to give a Redis administrator.
+    settings = load_pump_settings(args.config)
+    print(acl_setuser(settings, user=args.user))
+    return EXIT_OK
 
 
 def _add_run(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -226,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=int, default=200, help="records per second")
     demo.add_argument("--duration", type=float, default=10.0, help="seconds")
     demo.set_defaults(func=cmd_demo)
+
+    acl = commands.add_parser(
+        "redis-acl",
+        parents=[common],
+        help="print the ACL SETUSER line of a Redis user with only what the pump needs",
+    )
+    acl.add_argument("--user", default="iam-pump", help="the Redis user name")
+    acl.set_defaults(func=cmd_redis_acl)
 
     from app import dead_letter_cli
 

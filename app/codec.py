@@ -88,7 +88,7 @@ def decode_go_record(raw: bytes) -> list[Any]:
     try:
         value = msgpack.unpackb(raw, raw=False, timestamp=3, strict_map_key=True)
     except UnicodeDecodeError as exc:
-        raise MalformedRecordError(f"string is not valid UTF-8: {exc}") from exc
+        raise MalformedRecordError(_not_utf8(exc)) from exc
     except Exception as exc:
         raise MalformedRecordError(f"not msgpack: {exc}") from exc
     if not isinstance(value, dict):
@@ -102,11 +102,13 @@ def decode_go_record(raw: bytes) -> list[Any]:
 def validate_row(row: Any, *, names: Sequence[str] = GO_FIELD_NAMES) -> list[Any]:
     """Check a row's shape and types; return it with its times as aware datetimes."""
     if not isinstance(row, list | tuple) or len(row) != _ROW_LENGTH:
-        raise MalformedRecordError(f"expected a row of {_ROW_LENGTH} values, got {_brief(row)}")
+        raise MalformedRecordError(f"expected a row of {_ROW_LENGTH} values, got {_shape(row)}")
     for index in _INT_INDEXES:
         value = row[index]
         if not isinstance(value, int) or isinstance(value, bool):
-            raise MalformedRecordError(f"{names[index]} must be an integer, got {_brief(value)}")
+            raise MalformedRecordError(
+                f"{names[index]} must be an integer, got {type(value).__name__}"
+            )
     for index in _STRING_INDEXES:
         if not isinstance(row[index], str):
             raise MalformedRecordError(
@@ -118,13 +120,28 @@ def validate_row(row: Any, *, names: Sequence[str] = GO_FIELD_NAMES) -> list[Any
     return checked
 
 
+def _shape(value: Any) -> str:
+    # What a value is, never what it holds: reasons are logged and kept, record content is not.
+    if isinstance(value, list | tuple):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
+def _not_utf8(exc: UnicodeError) -> str:
+    # The position, not the offending bytes or character, which are record content.
+    start = getattr(exc, "start", None)
+    return "string is not valid UTF-8" + (
+        f" (byte {start} of a string)" if isinstance(start, int) else ""
+    )
+
+
 def _checked_time(value: Any, name: str) -> datetime:
     # A Go producer sends nil for a time it never set; that is Go's zero time.
     if isinstance(value, msgpack.Timestamp):
         try:
             converted: datetime = value.to_datetime()
         except (OverflowError, ValueError) as exc:
-            raise MalformedRecordError(f"{name} is out of range: {exc}") from exc
+            raise MalformedRecordError(f"{name} is outside a datetime's range") from exc
         return converted
     if value is None:
         return GO_ZERO_TIME
@@ -163,7 +180,7 @@ def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected
         raise MalformedBatchError("batch is not a map with a string 'id'")
     batch_id: str = envelope["id"]
     if not utf8_checked and not _is_utf8(batch_id):
-        raise MalformedBatchError(f"batch id is not valid UTF-8: {batch_id!r:.80}")
+        raise MalformedBatchError("batch id is not valid UTF-8")
     good: list[list[Any]] = []
     rejected: list[Rejected] = []
     if "go" in envelope:
@@ -226,7 +243,7 @@ def _check_strings(row: Any) -> None:
                 try:
                     value.encode("utf-8")
                 except UnicodeEncodeError as exc:
-                    raise MalformedRecordError(f"string is not valid UTF-8: {exc}") from exc
+                    raise MalformedRecordError(_not_utf8(exc)) from exc
 
 
 def _repack(value: Any) -> bytes:
@@ -235,17 +252,7 @@ def _repack(value: Any) -> bytes:
             msgpack.packb(value, datetime=True, unicode_errors="surrogateescape", default=repr)
         )
     except Exception:
-        return _brief(value).encode("utf-8", "backslashreplace")
-
-
-def _brief(value: Any) -> str:
-    # A bad value as a reason quotes it: a container by its size (its repr could be huge, or
-    # nested deeper than repr can go), anything else by the start of its repr.
-    if isinstance(value, list | tuple | dict):
-        return f"{type(value).__name__} of {len(value)} item(s)"
-    if isinstance(value, str | bytes):
-        value = value[:80]
-    return f"{value!r:.80}"
+        return _shape(value).encode("utf-8")
 
 
 def encode_clean_batch(batch_id: str, rows: Sequence[Sequence[Any]]) -> bytes:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -45,6 +45,7 @@ from app.config_text import (
     mask_url as mask_url,
 )
 from app.errors import ConfigError
+from app.redaction import DeadLetterFields, Treatment
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +64,18 @@ DEFAULT_RECORDS_BUFFER_SIZE = 20_000
 DEFAULT_FLUSH_INTERVAL_MS = 200
 DEFAULT_STORAGE_EXPIRATION_S = 24 * 3600
 DEFAULT_DEDUP_TTL_S = 24 * 3600
+#: Where /healthz and /metrics listen when the file does not say: this machine only (iam's
+#: default is 0.0.0.0:7070; exposing them is a choice made by setting the address).
+DEFAULT_HEALTH_CHECK_ADDRESS = "127.0.0.1:7070"
 #: How long the purge lock outlives a purge that died holding it (renewed at every chunk).
 DEFAULT_PURGE_LOCK_TTL_S = 30.0
 #: On SIGTERM, how long running tasks may go on before the unfinished ones are requeued; keep it
 #: below your orchestrator's grace period (Kubernetes: 30 s).
 DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S = 10.0
+#: A claim on kept bytes with no progress for this long has its task sent again (the ledger
+#: sweep, Redis broker), and how often the sweep looks.
+DEFAULT_REDELIVERY_WINDOW_S = 120.0
+DEFAULT_SWEEP_INTERVAL_S = 30.0
 #: Time the write task's hard limit adds to its soft limit, so a pump can clean up.
 HARD_LIMIT_GRACE_S = 5
 #: The Redis transport redelivers unacknowledged tasks after this margin past the longest task.
@@ -106,6 +114,7 @@ class PumpEntryConfig(_Model):
     omit_detailed_recording: bool = False
     max_record_size_bytes: int = Field(default=DEFAULT_MAX_RECORD_SIZE_BYTES, ge=64)
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=100)
+    dead_letters: DeadLetterFields = DeadLetterFields()
     meta: dict[str, Any] = Field(default_factory=dict)
 
     @property
@@ -135,6 +144,31 @@ class RedisConfig(_Model):
     enable_cluster: bool = False
     use_ssl: bool = False
     ssl_insecure_skip_verify: bool = False
+    #: PEM file of the CA(s) that signed the server's certificate (else the system's CAs).
+    ssl_ca_file: str = ""
+    #: A client certificate and its key (PEM), for a server that asks for one (mutual TLS).
+    ssl_cert_file: str = ""
+    ssl_key_file: str = ""
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> RedisConfig:
+        given = {
+            name: path
+            for name, path in (
+                ("ssl-ca-file", self.ssl_ca_file),
+                ("ssl-cert-file", self.ssl_cert_file),
+                ("ssl-key-file", self.ssl_key_file),
+            )
+            if path
+        }
+        if given and not self.use_ssl:
+            raise ValueError(f"{', '.join(given)}: only used with use-ssl: true")
+        if bool(self.ssl_cert_file) != bool(self.ssl_key_file):
+            raise ValueError("ssl-cert-file and ssl-key-file go together (mutual TLS)")
+        for name, path in given.items():
+            if not os.access(path, os.R_OK) or not os.path.isfile(path):
+                raise ValueError(f"{name}: cannot read {path!r}")
+        return self
 
     @model_validator(mode="after")
     def _supported(self) -> RedisConfig:
@@ -175,9 +209,24 @@ class RedisConfig(_Model):
         if self.password:
             auth = f"{quote(self.username, safe='')}:{quote(self.password, safe='')}@"
         url = f"{scheme}://{auth}{host}:{port}/{self.database}"
-        if self.use_ssl and self.ssl_insecure_skip_verify:
-            url += "?ssl_cert_reqs=none"
+        if self.use_ssl:
+            url += "?" + urlencode(self.tls_options, quote_via=quote)
         return url
+
+    @property
+    def tls_options(self) -> dict[str, str]:
+        """TLS settings as the URL query both redis-py and kombu read (kombu's own default
+        for a bare ``rediss://`` URL is not to verify, so ``ssl_cert_reqs`` is always named)."""
+        skip = self.ssl_insecure_skip_verify
+        options = {"ssl_cert_reqs": "none" if skip else "required"}
+        for name, path in (
+            ("ssl_ca_certs", "" if skip else self.ssl_ca_file),
+            ("ssl_certfile", self.ssl_cert_file),
+            ("ssl_keyfile", self.ssl_key_file),
+        ):
+            if path:
+                options[name] = os.path.abspath(path)
+        return options
 
 
 class AnalyticsConfig(_Model):
@@ -207,6 +256,10 @@ class DeliveryConfig(_Model):
     visibility_timeout_s: float | None = Field(default=None, gt=0)
     soft_shutdown_timeout_s: float = Field(default=DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S, ge=0)
     purge_lock_ttl_s: float = Field(default=DEFAULT_PURGE_LOCK_TTL_S, ge=1)
+    redelivery_window_s: float = Field(default=DEFAULT_REDELIVERY_WINDOW_S, ge=15)
+    sweep_interval_s: float = Field(default=DEFAULT_SWEEP_INTERVAL_S, ge=1)
+    #: Start even when a Redis we keep batches on may evict any key (``allkeys-*``).
+    allow_evicting_redis: bool = False
 
 
 class LogConfig(_Model):
@@ -241,7 +294,7 @@ class Settings(_Model):
 
     purge_delay: int = Field(default=DEFAULT_PURGE_DELAY_S, ge=1)
     health_check_path: str = "healthz"
-    health_check_address: str = "0.0.0.0:7070"
+    health_check_address: str = DEFAULT_HEALTH_CHECK_ADDRESS
     omit_detailed_recording: bool = False
     analytics_key: str = Field(default=DEFAULT_ANALYTICS_KEY, min_length=1)
     key_prefix: str = Field(default=DEFAULT_KEY_PREFIX, min_length=1)
@@ -250,6 +303,7 @@ class Settings(_Model):
     analytics: AnalyticsConfig = AnalyticsConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
+    dead_letters: DeadLetterFields = DeadLetterFields()
     pumps: dict[str, PumpEntryConfig] = Field(default_factory=dict)
     source: str = Field(default="", exclude=True)
 
@@ -319,6 +373,14 @@ class Settings(_Model):
             + [DEFAULT_PUMP_TIMEOUT_S + HARD_LIMIT_GRACE_S]
         )
         return longest_task_s + self.delivery.retry_backoff_max_s + VISIBILITY_MARGIN_S
+
+    def dead_letter_fields(self, group: str) -> dict[str, Treatment]:
+        """How the dead letters of ``group`` treat ``request`` and ``policies``: the pump's
+        ``dead-letters`` block over the top-level one (which alone governs ``ingest`` and any
+        group that is not a configured pump)."""
+        entry = self.pumps.get(group)
+        own = entry.dead_letters if entry is not None else self.dead_letters
+        return own.over(self.dead_letters)
 
     def ignored_keys(self) -> list[str]:
         """Keys of iam's that were given but have no effect here (reported at start-up)."""

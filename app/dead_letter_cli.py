@@ -33,6 +33,12 @@ def add_commands(parser: argparse.ArgumentParser, common: argparse.ArgumentParse
     replay.add_argument("group")
     replay.add_argument("entry_ids", nargs="*", help="entries to replay (default: with --all)")
     replay.add_argument("--all", action="store_true", help="replay every entry of the group")
+    replay.add_argument(
+        "--allow-redacted",
+        action="store_true",
+        help="also replay entries whose request/policies were redacted or dropped: their "
+        "records are written with the placeholder or empty value",
+    )
     drop = actions.add_parser("drop", parents=[common], help="delete entries for good")
     drop.add_argument("group")
     drop.add_argument("entry_ids", nargs="*")
@@ -91,6 +97,8 @@ def _show(store: DeadLetterStore, group: str, entry_id: str) -> int:
     print(f"batch:      {entry.batch_id}\nfailed at:  {failed_at}\nattempts:   {entry.attempts}")
     print(f"records:    {entry.record_count}\nerror:      {entry.error}")
     print(f"replayable: {'yes' if entry.replayable else 'no'}")
+    if entry.redacted:
+        print(f"redacted:   {_hidden_fields(entry)} (as configured when it was kept)")
     if entry.payload is not None:
         _, records = decode_clean_batch(entry.payload)
         for index, record in enumerate(records):
@@ -100,8 +108,18 @@ def _show(store: DeadLetterStore, group: str, entry_id: str) -> int:
                 f"{record.request[:60]!r}{reason}"
             )
     for raw, reason in zip(entry.raw, entry.reasons, strict=False):
+        if not raw and entry.redacted:
+            print(f"  (bytes not kept: their fields could not be found to redact)  <- {reason}")
+            continue
         print(f"  {raw[:40].hex()}{'...' if len(raw) > 40 else ''}  <- {reason}")
     return EXIT_OK
+
+
+def _hidden_fields(entry: DeadLetter) -> str:
+    return ", ".join(
+        f"{name} {'dropped' if how == 'drop' else 'redacted'}"
+        for name, how in sorted(entry.redacted.items())
+    )
 
 
 def _selected(store: DeadLetterStore, args: argparse.Namespace) -> list[DeadLetter] | None:
@@ -133,6 +151,12 @@ def _replay(store: DeadLetterStore, settings: Settings, args: argparse.Namespace
     for entry in entries:
         if not entry.replayable or entry.payload is None:
             print(f"{entry.id}: not replayable (malformed input is kept for inspection)")
+            continue
+        if entry.redacted and not args.allow_redacted:
+            print(
+                f"{entry.id}: {_hidden_fields(entry)}; replaying writes its records without "
+                "them (add --allow-redacted to do so)"
+            )
             continue
         sender.send_write(args.group, BatchRef(inline=entry.payload))
         store.delete(args.group, [entry.id])

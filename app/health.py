@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +27,7 @@ from prometheus_client.registry import Collector
 from app.config import Settings
 from app.messages import INGEST_QUEUE, PURGE_QUEUE, pump_queue
 from app.stores.dead_letters import DeadLetterStore
+from app.stores.ledger import Ledger
 from app.stores.stats import Counter, PumpCounter, Stats, StatsSnapshot
 from pumps.host import PumpHost
 
@@ -40,6 +42,10 @@ _COUNTERS = {
     Counter.LOST_BATCHES: (
         "iam_pump_lost_batches",
         "Batches whose bytes vanished from the broker's Redis before a task read them.",
+    ),
+    Counter.RESENT_TASKS: (
+        "iam_pump_resent_tasks",
+        "Tasks the ledger sweep sent again because no queue carried them any more.",
     ),
 }
 _PER_PUMP_COUNTERS = {
@@ -135,6 +141,7 @@ class PumpMetrics(Collector):
         yield backlog
         if self.settings.broker_url is None:  # the queues are lists on this same Redis
             yield self._queue_lengths()
+            yield from self._ledger()
         yield self._dead_letter_entries()
 
     def _queue_lengths(self) -> GaugeMetricFamily:
@@ -145,6 +152,21 @@ class PumpMetrics(Collector):
         for name in names:
             queues.add_metric([name], int(self.redis.llen(name)))
         return queues
+
+    def _ledger(self) -> Iterator[GaugeMetricFamily]:
+        ledger = Ledger(self.redis, self.settings.key_prefix)
+        owed = GaugeMetricFamily(
+            "iam_pump_ledger_claims", "Claims on kept batches not yet settled (ingest or a pump)."
+        )
+        owed.add_metric([], ledger.owed())
+        yield owed
+        oldest = ledger.oldest()
+        age = GaugeMetricFamily(
+            "iam_pump_ledger_oldest_progress_age_seconds",
+            "Seconds since the least recently moving claim last made progress (0: none owed).",
+        )
+        age.add_metric([], 0.0 if oldest is None else max(0.0, time.time() - oldest))
+        yield age
 
     def _dead_letter_entries(self) -> GaugeMetricFamily:
         store = DeadLetterStore(self.redis, self.settings)

@@ -15,17 +15,22 @@ Message form (msgpack): ``ingest(ref={"inline": <bytes>} | {"key": <str>})`` and
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 from celery import Celery
 
 from app.config import PumpEntryConfig
-from app.stores.batches import ByteStore, EnvelopeStore
+from app.stores.batches import INGEST_CLAIM, PUMP_CLAIM_PREFIX, ByteStore, EnvelopeStore, pump_claim
+from app.stores.ledger import ledger_member
 
 INGEST_TASK = "iam_pump.ingest"
 PURGE_TASK = "iam_pump.purge"
+SWEEP_TASK = "iam_pump.sweep"
 WRITE_TASK = "iam_pump.write"
 INGEST_QUEUE = "ingest"
 PURGE_QUEUE = "purge"
@@ -74,8 +79,8 @@ class BatchRef:
         """How logs and dead letters name the batch before its bytes are read."""
         return self.key if self.key is not None else f"<{len(self.inline or b'')} bytes inline>"
 
-    def load(self, store: ByteStore | None) -> bytes | None:
-        """The bytes; None when a copy of this task already finished with them.
+    def load(self, store: ByteStore | None, claim: str) -> bytes | None:
+        """The bytes; None when a copy of this task already finished with them (``claim``).
 
         Raises :class:`~app.stores.batches.BatchLostError` when kept bytes are gone.
         """
@@ -84,7 +89,7 @@ class BatchRef:
         assert self.key is not None
         if store is None:
             raise ValueError(f"batch {self.key} is kept in Redis, but no store was given")
-        return store.load(self.key)
+        return store.load(self.key, claim)
 
     def release(self, store: ByteStore | None, claim: str) -> None:
         """Give up ``claim`` on kept bytes (the last claim frees them); nothing for inline."""
@@ -146,6 +151,15 @@ class Sender:
             INGEST_TASK, kwargs={"ref": ref.to_message()}, **route(INGEST_TASK), **self._options
         )
 
+    def send_again(self, claim: str, key: str) -> None:
+        """Publish the task that settles ``claim`` on the bytes kept at ``key`` (the sweep)."""
+        if claim == INGEST_CLAIM:
+            self.send_ingest(BatchRef(key=key))
+        elif claim.startswith(PUMP_CLAIM_PREFIX):
+            self.send_write(claim[len(PUMP_CLAIM_PREFIX) :], BatchRef(key=key))
+        else:
+            raise ValueError(f"not a claim: {claim!r}")
+
     def send_write(self, pump: str, ref: BatchRef) -> None:
         """Publish one write task for ``pump`` on its queue, with its time limits."""
         entry = self._pumps.get(pump)
@@ -168,8 +182,47 @@ def route(task_name: str, args: Any = (), kwargs: Any = None, *_: Any, **__: Any
     """The queue of a task: a Celery router (``task_routes``) and what the senders use."""
     if task_name == WRITE_TASK and args:
         return {"queue": pump_queue(str(args[0]))}
-    if task_name == PURGE_TASK:
+    if task_name in (PURGE_TASK, SWEEP_TASK):
         return {"queue": PURGE_QUEUE}
     if task_name == INGEST_TASK:
         return {"queue": INGEST_QUEUE}
     return {}
+
+
+def claim_in_message(raw: bytes | str, *, stored_key: Callable[[str], str]) -> str | None:
+    """The ledger member (:mod:`app.stores.ledger`) a task message settles, or None.
+
+    ``raw`` is a message as kombu's Redis transport keeps it: the JSON of the message in a queue
+    list, or of ``[message, exchange, routing key]`` in its ``unacked`` hash. Anything that is not
+    one of our ingest or write tasks naming kept bytes answers None.
+    """
+    try:
+        message = json.loads(raw)
+        if isinstance(message, list):
+            message = message[0]
+        task = message["headers"]["task"]
+        if task not in (INGEST_TASK, WRITE_TASK):
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args, kwargs, _embed = msgpack.unpackb(body if isinstance(body, bytes) else body.encode())
+        kwargs = kwargs or {}
+        if task == INGEST_TASK:
+            positional = args[0] if args else None
+            ref = legacy_ref(
+                kwargs.get("ref", positional), kwargs.get("payload"), kwargs.get("stored")
+            )
+            claim = INGEST_CLAIM
+        else:
+            positional = args[1] if len(args) > 1 else None
+            ref = legacy_ref(
+                kwargs.get("ref", positional),
+                kwargs.get("payload"),
+                kwargs.get("stored"),
+                stored_key=stored_key,
+            )
+            claim = pump_claim(str(args[0]))
+    except (ValueError, KeyError, IndexError, TypeError, msgpack.UnpackException):
+        return None
+    return ledger_member(claim, ref.key) if ref.key is not None else None

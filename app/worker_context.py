@@ -24,6 +24,7 @@ from app.messages import Sender
 from app.stores.batches import BatchStore, EnvelopeStore
 from app.stores.clients import broker_redis_client, redis_client
 from app.stores.dead_letters import DeadLetterStore
+from app.stores.ledger import Heartbeat, Ledger
 from app.stores.stats import Stats
 from pumps.host import PumpHost
 from pumps.settings import load_pump_settings
@@ -44,6 +45,10 @@ class WorkerContext:
     #: Where envelopes and clean batches are kept (the broker's Redis); None with RabbitMQ.
     envelopes: EnvelopeStore | None
     batches: BatchStore | None
+    #: Every claim on kept bytes and its last progress, and this process's heartbeat for the
+    #: writes it runs; None with RabbitMQ.
+    ledger: Ledger | None
+    heartbeat: Heartbeat | None
     sender: Sender
     pumps: PumpHost
 
@@ -53,10 +58,12 @@ class WorkerContext:
         client = redis_client(settings)
         broker = broker_redis_client(settings)
         ttl_s = settings.delivery.dedup_ttl_s
-        envelopes = batches = None
+        envelopes = batches = ledger = heartbeat = None
         if broker is not None:
             envelopes = EnvelopeStore(broker, settings.key_prefix, done_ttl_s=ttl_s)
             batches = BatchStore(broker, settings.key_prefix, done_ttl_s=ttl_s)
+            ledger = Ledger(broker, settings.key_prefix)
+            heartbeat = Heartbeat(ledger)
         return cls(
             settings=settings,
             redis=client,
@@ -65,12 +72,16 @@ class WorkerContext:
             dead_letters=DeadLetterStore(client, settings),
             envelopes=envelopes,
             batches=batches,
+            ledger=ledger,
+            heartbeat=heartbeat,
             sender=Sender(celery, envelopes=envelopes, pumps=settings.enabled_pumps),
             pumps=PumpHost(settings),
         )
 
     def close(self) -> None:
         """Close the pumps and the connections (process shutdown); errors are logged."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.pumps.close()
         self.redis.close()
         if self.broker_redis is not None:

@@ -4,10 +4,11 @@ iam's field names, rows appended.
 Several worker processes may append to the same file. A new file is created complete with its
 header (written aside, then linked into place) so no row can precede it. A batch is formatted in
 memory and appended under an exclusive ``flock`` on the file, so batches never interleave; the
-size before the append is remembered, and if any write fails or stops short the file is cut
-back to it, so a failed write leaves no torn row and its retry appends the batch once. Delivery
-is at-least-once: a batch delivered twice (after a crash between the write and the
-acknowledgement) is appended twice.
+size before the append is remembered, and if any write fails or stops short (a full disk:
+``ENOSPC``), or closing the written descriptor reports an error (as NFS and quotas may), the
+file is cut back to it, so a failed write leaves no torn row and its retry appends the batch
+once. Delivery is at-least-once: a batch delivered twice (after a crash between the write and
+the acknowledgement) is appended twice.
 """
 
 from __future__ import annotations
@@ -154,40 +155,43 @@ class CSVPump(Pump[CSVMeta]):
         path = self.directory / hourly_file_name(time.localtime())
         try:
             self._ensure_file(path)
-            descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
-            try:
-                self._append_whole(descriptor, data, path)
-            finally:
-                os.close(descriptor)
+            self._append_whole(path, data)
         except PermissionError as exc:
             raise PumpPermanentError(f"cannot write {path}: {exc.strerror}") from exc
         except OSError as exc:
             raise PumpTemporaryError(f"cannot write {path}: {exc.strerror}") from exc
         return WriteResult()
 
-    def _append_whole(self, descriptor: int, data: bytes, path: Path) -> None:
-        """Append ``data`` under an exclusive lock; on any failure cut the file back and raise."""
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+    def _append_whole(self, path: Path, data: bytes) -> None:
+        """Append ``data`` under an exclusive lock; on any failure cut the file back and raise.
+
+        One descriptor holds the lock and cuts back; the bytes go through a second one, closed
+        while the lock is still held, so an error reported only at close is caught in time.
+        """
+        guard = os.open(path, os.O_WRONLY | os.O_APPEND)
         try:
-            size = os.fstat(descriptor).st_size
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            size = os.fstat(guard).st_size
             try:
-                written = 0
-                while written < len(data):
-                    count = self._write_some(descriptor, data[written:])
-                    if count <= 0:
-                        raise PumpTemporaryError(
-                            f"short write to {path}: {written} of {len(data)} bytes"
-                        )
-                    written += count
+                writer = os.open(path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    _write_all(self._write_some, writer, data, path)
+                finally:
+                    self._close_writer(writer)
             except BaseException:
-                os.ftruncate(descriptor, size)
+                os.ftruncate(guard, size)
                 raise
         finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            os.close(guard)  # releases the lock
 
     def _write_some(self, descriptor: int, data: bytes) -> int:
         """Write what the kernel takes of ``data`` and return how much (a seam for tests)."""
         return os.write(descriptor, data)
+
+    def _close_writer(self, descriptor: int) -> None:
+        """Close the descriptor the rows went through (a seam for tests: on NFS, or over a
+        quota, this is where a failed write-back is reported)."""
+        os.close(descriptor)
 
     def _ensure_file(self, path: Path) -> None:
         if path.exists():
@@ -196,8 +200,11 @@ class CSVPump(Pump[CSVMeta]):
         header = (",".join(GO_FIELD_NAMES) + "\n").encode("ascii")
         descriptor, temporary = tempfile.mkstemp(dir=self.directory, prefix=".header-")
         try:
-            os.write(descriptor, header)
-            os.close(descriptor)
+            try:
+                # Whole or not at all: a short header on a full disk must never be linked.
+                _write_all(os.write, descriptor, header, path)
+            finally:
+                os.close(descriptor)
             os.chmod(temporary, 0o644)
             # If another process created it first, it did so header and all.
             with contextlib.suppress(FileExistsError):
@@ -212,3 +219,15 @@ class CSVPump(Pump[CSVMeta]):
                 pass
         except OSError as exc:
             raise PumpTemporaryError(f"{self.directory} is not writable: {exc}") from exc
+
+
+def _write_all(
+    write_some: Callable[[int, bytes], int], descriptor: int, data: bytes, path: Path
+) -> None:
+    # Write until the kernel has taken all of ``data``; a write that takes nothing is an error.
+    written = 0
+    while written < len(data):
+        count = write_some(descriptor, data[written:])
+        if count <= 0:
+            raise PumpTemporaryError(f"short write to {path}: {written} of {len(data)} bytes")
+        written += count

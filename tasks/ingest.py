@@ -45,7 +45,7 @@ def ingest(
     """
     context = self.context
     batch = legacy_ref(ref, payload, stored)
-    envelope = self.load_batch(batch, context.envelopes, group=INGEST_GROUP)
+    envelope = self.load_batch(batch, context.envelopes, claim=INGEST_CLAIM, group=INGEST_GROUP)
     if envelope is None:
         return {"batch": batch.name, "records": 0}
     result = _ingest(self, envelope)

@@ -1,7 +1,8 @@
 """The delivery policy, in one place: how a task that carries a batch retries, backs off, gives
 up, and never drops its message.
 
-* Redis trouble (``RedisError``) or a soft time limit that lands outside a sink's own call puts
+* Redis trouble (``RedisError``, or kombu's ``OperationalError`` when a follow-up task cannot
+  be published) or a soft time limit that lands outside a sink's own call puts
   the task back for later (:func:`puts_back_on_trouble`), with the backoff of the ``delivery:``
   settings.
 * Putting back never lets the message be dropped. Celery's ``Task.retry`` publishes a new message
@@ -21,18 +22,21 @@ Acknowledgement itself is global (``task_acks_late``, ``task_reject_on_worker_lo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import redis
 from celery import Task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
 
 from app.backoff import backoff_s
 from app.messages import BatchRef
 from app.stores.batches import BatchLostError, ByteStore
+from app.stores.ledger import LEASE_TTL_MS, ledger_member
 from app.stores.stats import PumpCounter, per_pump
 from app.worker_context import WorkerContext, current_context
 
@@ -68,6 +72,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
 
     def put_back(self, exc: BaseException | None, *, countdown_s: float | None = None) -> NoReturn:
         """Run this task again later; never lets its message be dropped."""
+        self._progress()
         try:
             wait_s = self.backoff_s() if countdown_s is None else countdown_s
             raise self.retry(countdown=wait_s, exc=exc)
@@ -76,17 +81,60 @@ class DeliveryTask(Task):  # type: ignore[misc]
         except Exception as publish_error:
             raise Reject(f"retry not published: {publish_error}", requeue=True) from publish_error
 
-    def load_batch(self, ref: BatchRef, store: ByteStore | None, *, group: str) -> bytes | None:
+    def load_batch(
+        self, ref: BatchRef, store: ByteStore | None, *, claim: str, group: str
+    ) -> bytes | None:
         """The batch's bytes, or None when there is nothing to do: a copy of this task already
-        finished with them, or they are gone from Redis (then reported as a ``lost`` entry)."""
+        finished with them, or they are gone from Redis (then reported as a ``lost`` entry).
+
+        Either way ``claim`` is settled in the ledger; while there is work, the ledger learns
+        that a task for it started.
+        """
+        if ref.key is not None:
+            self.request.ledger_member = ledger_member(claim, ref.key)
         try:
-            data = ref.load(store)
+            data = ref.load(store, claim)
         except BatchLostError as exc:
             self.context.dead_letters.put_lost(group, ref.name, str(exc))
-            return None
+            data = None
+        else:
+            if data is None:
+                logger.info("%s: batch %s was already done by another copy", group, ref.name)
         if data is None:
-            logger.info("%s: batch %s was already done by another copy", group, ref.name)
+            ref.release(store, claim)
+        else:
+            self._progress()
         return data
+
+    @contextlib.contextmanager
+    def lease(self, ref: BatchRef, claim: str) -> Iterator[None]:
+        """Hold the lease of ``claim`` while the body runs, renewed by this process's heartbeat,
+        so no other copy of the task writes the batch at the same time. A copy that finds the
+        lease taken is put back until the holder is done or its lease has expired."""
+        context = self.context
+        if ref.key is None or context.ledger is None or context.heartbeat is None:
+            yield
+            return
+        member = ledger_member(claim, ref.key)
+        lease = context.ledger.lease(member, LEASE_TTL_MS)
+        if not lease.acquire():
+            wait_s = lease.left_ms() / 1000 + 1
+            logger.info("%s: another copy is writing batch %s; put back", claim, ref.name)
+            self.put_back(None, countdown_s=wait_s)
+        context.heartbeat.add(member, lease)
+        try:
+            yield
+        finally:
+            context.heartbeat.remove(member)
+            lease.release()
+
+    def _progress(self) -> None:
+        # Record in the ledger that this task's claim moves (started, or will run again).
+        member = getattr(self.request, "ledger_member", None)
+        ledger = self.context.ledger
+        if member and ledger is not None:
+            with contextlib.suppress(redis.RedisError):
+                ledger.touch([member])
 
     def retry_or_dead_letter(
         self, pump: str, batch_id: str, clean: bytes, *, records: int, error: Exception
@@ -140,7 +188,9 @@ def puts_back_on_trouble(body: Callable[P, R]) -> Callable[P, R]:
         assert isinstance(task, DeliveryTask)
         try:
             return body(*args, **kwargs)
-        except redis.RedisError as exc:
+        except (redis.RedisError, OperationalError) as exc:
+            # OperationalError: kombu could not publish a follow-up task (a broker that is
+            # away, or a Redis broker that is full): the batch must not be taken for done.
             logger.warning("%s: Redis unavailable (%s); batch put back", task.name, exc)
             task.put_back(exc)
         except SoftTimeLimitExceeded as exc:

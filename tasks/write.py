@@ -48,13 +48,14 @@ class WriteTask(DeliveryTask):
             ref = _ref(
                 self, kwargs.get("ref", positional), kwargs.get("payload"), kwargs.get("stored")
             )
-            clean = self.load_batch(ref, self.context.batches, group=pump)
+            claim = pump_claim(pump)
+            clean = self.load_batch(ref, self.context.batches, claim=claim, group=pump)
             if clean is None:
                 return
             batch_id, records = decode_clean_batch(clean)
             error = f"write killed by the hard time limit ({exc})"
             self.dead_letter(pump, batch_id, clean, records=len(records), error=error)
-            ref.release(self.context.batches, pump_claim(pump))
+            ref.release(self.context.batches, claim)
         except Exception:
             logger.critical(
                 "pump %s: task %s hit its hard time limit and could not be dead-lettered",
@@ -88,11 +89,14 @@ def write(
     entry = self.context.settings.pumps.get(pump_name)
     deadline = Deadline.after(entry.timeout_s if entry else DEFAULT_PUMP_TIMEOUT_S)
     batch = _ref(self, ref, payload, stored)
-    clean = self.load_batch(batch, self.context.batches, group=pump_name)
-    if clean is None:
-        return {"batch": batch.name, "written": 0}
-    result = _write(self, pump_name, clean, deadline)
-    batch.release(self.context.batches, pump_claim(pump_name))
+    claim = pump_claim(pump_name)
+    with self.lease(batch, claim):
+        # Read under the lease: a copy that waited for it finds the claim already released.
+        clean = self.load_batch(batch, self.context.batches, claim=claim, group=pump_name)
+        if clean is None:
+            return {"batch": batch.name, "written": 0}
+        result = _write(self, pump_name, clean, deadline)
+        batch.release(self.context.batches, claim)
     return result
 
 

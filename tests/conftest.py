@@ -9,7 +9,15 @@ import pytest
 import redis
 
 from tests.stores import es_url, mongo_db, mongo_uri
-from tests.support import IN_CI, REDIS_HOST, REDIS_PORT, TEST_REDIS_DB, Proc, port_open
+from tests.support import (
+    IN_CI,
+    REDIS_HOST,
+    REDIS_PORT,
+    TEST_REDIS_DB,
+    Proc,
+    admin_redis,
+    port_open,
+)
 
 __all__ = ["es_url", "mongo_db", "mongo_uri", "require"]  # fixtures for every test module
 
@@ -27,7 +35,7 @@ def require(available: bool, what: str) -> None:
 def redis_db() -> Iterator[redis.Redis]:
     """The integration tests' own Redis database, empty at the start of the test."""
     require(port_open(REDIS_HOST, REDIS_PORT), f"Redis on {REDIS_HOST}:{REDIS_PORT}")
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=TEST_REDIS_DB)
+    client = admin_redis(TEST_REDIS_DB)
     client.flushdb()
     yield client
     client.close()

@@ -9,11 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,6 +24,13 @@ REDIS_HOST = os.environ.get("REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("REDIS_PORT", "6379"))
 #: The Redis database the integration tests own: flushed at the start of every test.
 TEST_REDIS_DB = int(os.environ.get("IAM_PUMP_TEST_REDIS_DB", "11"))
+#: The Redis user the pump's processes log in as (none: the default user).
+REDIS_USERNAME = os.environ.get("REDIS_USERNAME", "")
+REDIS_PASSWORD = os.environ.get("REDIS_PASSWORD", "")
+#: The user the tests themselves use to empty and inspect their database (none: the default
+#: user); a server whose pump user may not FLUSHDB names another one here.
+REDIS_ADMIN_USERNAME = os.environ.get("REDIS_ADMIN_USERNAME") or None
+REDIS_ADMIN_PASSWORD = os.environ.get("REDIS_ADMIN_PASSWORD") or None
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
@@ -44,6 +53,23 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
+def _login() -> dict[str, str]:
+    if not REDIS_PASSWORD:
+        return {}
+    return {"username": REDIS_USERNAME, "password": REDIS_PASSWORD}
+
+
+def admin_redis(db: int = TEST_REDIS_DB, *, port: int = REDIS_PORT) -> redis.Redis:
+    """A client for the tests' own use of the Redis server (flushing, inspecting)."""
+    return redis.Redis(
+        host=REDIS_HOST,
+        port=port,
+        db=db,
+        username=REDIS_ADMIN_USERNAME,
+        password=REDIS_ADMIN_PASSWORD,
+    )
+
+
 def base_config(
     tmp_path: Path, *, redis_port: int = REDIS_PORT, db: int = TEST_REDIS_DB, **overrides: Any
 ) -> dict[str, Any]:
@@ -51,7 +77,7 @@ def base_config(
     config: dict[str, Any] = {
         "purge-delay": 1,
         "health-check-address": f"127.0.0.1:{free_port()}",
-        "redis": {"host": REDIS_HOST, "port": redis_port, "database": db},
+        "redis": {"host": REDIS_HOST, "port": redis_port, "database": db, **_login()},
         "delivery": {"retry-backoff-base-s": 0.2, "retry-backoff-max-s": 2},
         "pumps": {"csv": {"type": "csv", "meta": {"csv_dir": str(tmp_path / "csv")}}},
     }
@@ -167,7 +193,9 @@ def start_worker(
     return proc
 
 
-def start_beat(config_path: Path, log: Path, tmp_path: Path) -> Proc:
+def start_beat(
+    config_path: Path, log: Path, tmp_path: Path, *, env: dict[str, str] | None = None
+) -> Proc:
     """A real ``celery -A app beat`` subprocess."""
     args = [
         sys.executable,
@@ -181,7 +209,7 @@ def start_beat(config_path: Path, log: Path, tmp_path: Path) -> Proc:
         "-s",
         str(tmp_path / "beat-schedule"),
     ]
-    proc = Proc(args, env=celery_env(config_path), log=log, cwd=REPO)
+    proc = Proc(args, env=env or celery_env(config_path), log=log, cwd=REPO)
     proc.wait_for_output("beat: Starting", timeout_s=60)
     return proc
 
@@ -213,6 +241,111 @@ def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.25) -> bo
             return True
         time.sleep(interval_s)
     return bool(predicate())
+
+
+class RedisServer:
+    """A ``redis-server`` of the test's own on a free port (never the shared one), no
+    persistence, with extra ``--name value`` settings; ``client()`` talks to it."""
+
+    def __init__(self, directory: Path, **settings: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(directory)]
+        for name, value in settings.items():
+            args += [f"--{name.replace('_', '-')}", value]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_until(self._answers, 10, interval_s=0.05):
+            self.stop()
+            raise AssertionError(f"redis-server on port {self.port} did not start")
+
+    def client(self, **options: Any) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, **options)
+
+    def _answers(self) -> bool:
+        with contextlib.closing(self.client()) as client:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def fill(client: redis.Redis, *, first: int = 0) -> int:
+    """Write ballast until Redis refuses even a small value with OOM; returns the keys written."""
+    size, index = 1024 * 1024, first
+    while True:
+        try:
+            client.set(f"ballast:{index}", b"x" * size)
+            index += 1
+        except redis.exceptions.OutOfMemoryError:
+            if size <= 64:
+                return index - first
+            size //= 8
+
+
+class KeepFull:
+    """Keeps Redis full from a thread, as another tenant would: whatever the workers free (a
+    written batch's bytes) is taken again at once by more ballast."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self._client = server.client()
+        self._stop = threading.Event()
+        self.keys = fill(self._client)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.keys += fill(self._client, first=self.keys)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._client.close()
+
+
+class MountRefused(RuntimeError):
+    """A small filesystem could not be mounted here (not root, or in a container without it)."""
+
+
+@contextlib.contextmanager
+def small_filesystem(directory: Path, size_bytes: int) -> Iterator[Path]:
+    """A tmpfs of ``size_bytes`` mounted on ``directory`` for the block: a disk that fills.
+
+    Raises :class:`MountRefused` when mounting is not permitted.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes},mode=0755", "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        raise MountRefused(f"cannot mount a tmpfs: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def fill_up(directory: Path, *, chunk_bytes: int = 4096) -> Path:
+    """Fill the filesystem holding ``directory`` with one ballast file; returns it."""
+    ballast = directory / "ballast"
+    chunk = b"x" * chunk_bytes
+    with ballast.open("ab", buffering=0) as handle:
+        while True:
+            try:
+                handle.write(chunk)
+            except OSError:
+                if chunk_bytes == 1:
+                    return ballast
+                chunk_bytes = max(1, chunk_bytes // 4)
+                chunk = chunk[:chunk_bytes]
 
 
 @contextlib.contextmanager

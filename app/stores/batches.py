@@ -17,18 +17,23 @@ them. The empty value / ``done`` marker tells a redelivered copy of a task that 
 a key with neither means the bytes were lost outside our control (Redis flushed, or evicted by a
 ``maxmemory-policy`` other than ``noeviction``), which is reported, not taken for done.
 
-Both stores answer the same two calls, ``load(key)`` and ``release(key, claim)``, which is all a
-:class:`~app.messages.BatchRef` needs of them.
+Every claim is also in the ledger (:mod:`app.stores.ledger`), added and removed in the same
+transaction as the claim itself, so a claim whose task message was lost is found and sent again.
+
+Both stores answer the same two calls, ``load(key, claim)`` and ``release(key, claim)``, which is
+all a :class:`~app.messages.BatchRef` needs of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from time import time
 from typing import Any, Protocol
 
 import redis
 
 from app.config import DEFAULT_DEDUP_TTL_S
+from app.stores.ledger import LEDGER_KIND, ledger_member
 from app.stores.values import as_text
 
 DATA_FIELD = "data"
@@ -37,9 +42,11 @@ PUMP_CLAIM_PREFIX = "pump:"
 #: The one claim on an envelope: the ingest task's.
 INGEST_CLAIM = "ingest"
 
-# Give up one claim. The last claim drops the data and marks the batch done (the marker expires
-# after ARGV[2] seconds). Returns the claims left, or -1 when the batch is not held.
+# KEYS: batch, ledger; ARGV: claim, done ttl s, ledger member. Give up one claim and settle it in
+# the ledger. The last claim drops the data and marks the batch done (the marker expires after
+# ARGV[2] seconds). Returns the claims left, or -1 when the batch is not held.
 _RELEASE = """
+redis.call('ZREM', KEYS[2], ARGV[3])
 if redis.call('HEXISTS', KEYS[1], 'data') == 0 then return -1 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 local left = 0
@@ -55,6 +62,16 @@ return left
 """
 
 
+# KEYS: envelope, ledger; ARGV: bytes, ledger member, now. Keep the envelope and owe its ingest,
+# only if the key is free (bytes already there, or the done marker: nothing changes).
+_PUT_ENVELOPE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[2])
+end
+return 1
+"""
+
+
 class BatchLostError(RuntimeError):
     """A task names bytes that are neither kept nor marked done."""
 
@@ -62,12 +79,12 @@ class BatchLostError(RuntimeError):
 class ByteStore(Protocol):
     """What a batch reference needs of the store that keeps its bytes."""
 
-    def load(self, key: str) -> bytes | None:
-        """The bytes, None when the work on them is done; BatchLostError when neither."""
+    def load(self, key: str, claim: str) -> bytes | None:
+        """The bytes, None when ``claim``'s work on them is done; BatchLostError when neither."""
         ...
 
     def release(self, key: str, claim: str) -> int:
-        """Give up ``claim``; returns how many claims are left."""
+        """Give up ``claim`` (and settle it in the ledger); returns how many claims are left."""
         ...
 
 
@@ -83,6 +100,7 @@ class _KeptBytes:
         self._client = client
         self._prefix = key_prefix
         self._done_ttl_s = done_ttl_s
+        self._ledger = f"{key_prefix}:{LEDGER_KIND}"
 
     def key(self, batch_id: str) -> str:
         """The key of a batch's bytes (``*`` as the id gives the pattern of them all)."""
@@ -111,10 +129,12 @@ class EnvelopeStore(_KeptBytes):
         batch already fanned out, its first send arrived after all) are left as they are.
         """
         key = self.key(batch_id)
-        self._client.set(key, payload, nx=True)
+        self._client.eval(
+            _PUT_ENVELOPE, 2, key, self._ledger, payload, ledger_member(INGEST_CLAIM, key), time()
+        )
         return key
 
-    def load(self, key: str) -> bytes | None:
+    def load(self, key: str, claim: str = INGEST_CLAIM) -> bytes | None:
         """The envelope at ``key``, or None when a copy of its ingest task already fanned it out.
 
         Raises :class:`BatchLostError` when nothing is there at all.
@@ -127,7 +147,10 @@ class EnvelopeStore(_KeptBytes):
 
     def release(self, key: str, claim: str = INGEST_CLAIM) -> int:
         """The envelope is fanned out: replace it with an empty marker that expires."""
-        self._client.set(key, b"", ex=self._done_ttl_s)
+        pipe = self._client.pipeline(transaction=True)
+        pipe.set(key, b"", ex=self._done_ttl_s)
+        pipe.zrem(self._ledger, ledger_member(claim, key))
+        pipe.execute()
         return 0
 
     def waiting(self) -> int:
@@ -144,27 +167,32 @@ class BatchStore(_KeptBytes):
         """Keep ``clean`` until each pump of ``pumps`` has released it (idempotent)."""
         mapping: dict[str, bytes | int] = {DATA_FIELD: clean}
         mapping.update({pump_claim(name): 1 for name in pumps})
+        now = time()
+        owed = {ledger_member(pump_claim(name), key): now for name in pumps}
         pipe = self._client.pipeline(transaction=True)
         pipe.hdel(key, DONE_FIELD)
         pipe.persist(key)
         pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+        if owed:
+            pipe.zadd(self._ledger, owed, nx=True)
         pipe.execute()
 
-    def load(self, key: str) -> bytes | None:
-        """The batch's bytes, or None when every pump has released it.
+    def load(self, key: str, claim: str) -> bytes | None:
+        """The batch's bytes, or None when ``claim`` (``pump:<name>``) is already released.
 
         Raises :class:`BatchLostError` when the batch is neither held nor marked done.
         """
-        data, done = self._client.hmget(key, [DATA_FIELD, DONE_FIELD])
+        data, done, held = self._client.hmget(key, [DATA_FIELD, DONE_FIELD, claim])
         if isinstance(data, bytes):
-            return data
+            return data if held is not None else None
         if done is None:
             raise BatchLostError(f"batch {key} is not in Redis (flushed or evicted?)")
         return None
 
     def release(self, key: str, claim: str) -> int:
         """Claim ``claim`` (``pump:<name>``) is done with the batch; returns the claims left."""
-        left = self._client.eval(_RELEASE, 1, key, claim, self._done_ttl_s)
+        member = ledger_member(claim, key)
+        left = self._client.eval(_RELEASE, 2, key, self._ledger, claim, self._done_ttl_s, member)
         return max(0, int(left))
 
     def holders(self, key: str) -> list[str]:

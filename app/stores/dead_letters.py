@@ -9,6 +9,10 @@ An entry holds either a clean batch (``payload``, replayable into its pump's que
 that could not be decoded, the raw bytes of each bad record (``raw``), kept for inspection only.
 Every entry adds its records to the ``dead_lettered_records:<group>`` counter in the same
 transaction.
+
+Before an entry is kept, ``request`` and ``policies`` are treated as the group's
+``dead-letters`` settings say (:mod:`app.redaction`); the entry's ``redacted`` tells which were
+hidden and how, so ``show`` and ``replay`` can say so.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgpack
@@ -25,6 +29,7 @@ import redis
 from app.codec import Rejected, encode_clean_batch, records_to_clean_rows
 from app.config import Settings
 from app.record import AnalyticsRecord
+from app.redaction import hidden, scrub, treat_clean_batch, treat_raw
 from app.stores.stats import Counter, PumpCounter, Stats, per_pump
 from app.stores.values import as_bytes, as_text
 
@@ -50,6 +55,8 @@ class DeadLetter:
     payload: bytes | None = None
     raw: list[bytes] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    #: Fields hidden before the entry was kept: {"request": "redact", "policies": "drop"}.
+    redacted: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def new(
@@ -88,6 +95,7 @@ class DeadLetter:
                     "payload": self.payload,
                     "raw": self.raw,
                     "reasons": self.reasons,
+                    "redacted": self.redacted,
                 }
             )
         )
@@ -115,7 +123,8 @@ class DeadLetterStore:
         return self._settings.key("dead-letters")
 
     def put(self, entry: DeadLetter) -> None:
-        """Keep an entry (replacing one with the same id)."""
+        """Keep an entry (replacing one with the same id), its fields treated as configured."""
+        entry = self._treated(entry)
         pipe = self._redis.pipeline(transaction=True)
         pipe.sadd(self._groups_key, entry.group)
         pipe.hset(self._key(entry.group), entry.id, entry.pack())
@@ -124,6 +133,29 @@ class DeadLetterStore:
             counts[Counter.LOST_BATCHES] = 1
         self._stats.add(counts, pipe=pipe)
         pipe.execute()
+
+    def _treated(self, entry: DeadLetter) -> DeadLetter:
+        # Hide what the group's settings say in the records, the raw bytes and the error texts.
+        treatments = hidden(self._settings.dead_letter_fields(entry.group))
+        if not treatments or entry.redacted:
+            return entry
+        removed: list[str] = []
+        payload = entry.payload
+        if payload is not None:
+            payload, removed = treat_clean_batch(payload, treatments)
+        raw = []
+        for item in entry.raw:
+            kept, values = treat_raw(item, treatments)
+            raw.append(kept)
+            removed += values
+        return replace(
+            entry,
+            payload=payload,
+            raw=raw,
+            error=scrub(entry.error, removed),
+            reasons=[scrub(reason, removed) for reason in entry.reasons],
+            redacted=dict(treatments),
+        )
 
     def put_batch(
         self,

@@ -1,7 +1,8 @@
 """A lock in Redis: ``SET key token NX PX ttl``, released only by its holder (compare-and-delete).
 
 Used wherever two copies of a job must not overlap across processes or machines: the purge of
-iam's list, the fan-out of one batch. A holder that dies leaves the lock to expire after its TTL.
+iam's list, the fan-out of one batch, the write of one claim (a lease, extended while it
+runs). A holder that dies leaves the lock to expire after its TTL.
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ import redis
 # KEYS: the lock; ARGV: the token. Deletes the lock only if it is still the caller's.
 _RELEASE_IF_OWNER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: the lock; ARGV: the token, ttl ms. Extends the lock only if it is still the caller's.
+_EXTEND_IF_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+end
 return 0
 """
 
@@ -33,3 +42,11 @@ class RedisLock:
     def release(self) -> bool:
         """Give the lock up if it is still ours; True when it was."""
         return bool(self.client.eval(_RELEASE_IF_OWNER, 1, self.key, self.token))
+
+    def extend(self) -> bool:
+        """Give a lock still ours its full TTL again; False when it was lost (expired, taken)."""
+        return bool(self.client.eval(_EXTEND_IF_OWNER, 1, self.key, self.token, self.ttl_ms))
+
+    def left_ms(self) -> int:
+        """How long the lock, whoever holds it, has left; 0 when nobody does."""
+        return max(0, int(self.client.pttl(self.key)))

@@ -7,6 +7,7 @@ The counter names are defined here once; the tasks add to them and ``/metrics`` 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -14,6 +15,8 @@ import redis
 
 from app.config import Settings
 from app.stores.values import as_text
+
+logger = logging.getLogger(__name__)
 
 
 class Counter(StrEnum):
@@ -24,6 +27,7 @@ class Counter(StrEnum):
     MALFORMED_RECORDS = "malformed_records"
     PURGED_RECORDS = "purged_records"
     LOST_BATCHES = "lost_batches"
+    RESENT_TASKS = "resent_tasks"
 
 
 class PumpCounter(StrEnum):
@@ -71,12 +75,17 @@ class Stats:
         """Add to several counters at once (names from :class:`Counter` / :func:`per_pump`).
 
         With ``pipe`` the additions join that pipeline (and its transaction) instead.
+        A full Redis (OOM) costs the additions, not the work they count: they are logged and
+        dropped, so a batch already written is not put back and written again for a counter.
         """
         target = pipe if pipe is not None else self._client.pipeline(transaction=False)
         for name, amount in counts.items():
             target.hincrby(self.key, name, amount)
         if pipe is None:
-            target.execute()
+            try:
+                target.execute()
+            except redis.exceptions.OutOfMemoryError as exc:
+                logger.warning("counters %s not added, Redis is full: %s", counts, exc)
 
     def read(self) -> StatsSnapshot:
         """Every counter now."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,7 @@ import pytest
 import redis
 
 from tests.conftest import require
-from tests.support import REDIS_HOST, REDIS_PORT, base_config, port_open
+from tests.support import REDIS_HOST, REDIS_PORT, base_config, free_port, port_open, wait_until
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 #: The fault tests own this Redis database (flushed at the start of each test).
@@ -90,3 +93,63 @@ def slow_csv_config(
     pump = {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": delay_s}}
     config = fault_config(tmp_path, broker_url, pumps={"csv": pump}, **overrides)
     return write_config(tmp_path / "c.yaml", config), csv_dir
+
+
+class OwnRedis:
+    """A redis-server on a free port, persisting every write (AOF, fsync always)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        assert wait_until(lambda: _pings(client), 10)
+        client.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    require(shutil.which("redis-server") is not None, "redis-server")
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = OwnRedis(directory)
+    server.start()
+    yield server
+    server.stop()

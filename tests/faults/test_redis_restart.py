@@ -4,84 +4,18 @@ Redis returns, drops beyond its bound are counted, and every accepted record is 
 
 from __future__ import annotations
 
-import shutil
-import signal
 import statistics
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from app.analytics import Analytics, AnalyticsOptions
-from tests.conftest import require
-from tests.faults.conftest import fault_config
+from tests.faults.conftest import OwnRedis, fault_config
 from tests.faults.helpers import await_delivery, make_records
-from tests.support import Proc, free_port, start_beat, start_worker, wait_until, write_config
+from tests.support import Proc, start_beat, start_worker, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-class OwnRedis:
-    """A redis-server on a free port, persisting every write (AOF, fsync always)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        assert wait_until(lambda: _pings(client), 10)
-        client.close()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.kill()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    require(shutil.which("redis-server") is not None, "redis-server")
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = OwnRedis(directory)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("buffer_size", [200_000, 2_000])

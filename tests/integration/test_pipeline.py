@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -280,6 +281,11 @@ def test_iam_pump_run_serves_health_and_metrics_and_runs_the_pipeline(
     assert "iam_pump_redis_up 1.0" in metrics
     assert "iam_pump_lost_batches_total 0.0" in metrics
     assert 'iam_pump_written_records_total{pump="csv"}' in metrics
+    assert "iam_pump_resent_tasks_total 0.0" in metrics
+    assert re.search(r"^iam_pump_ledger_claims \d+\.0$", metrics, re.MULTILINE), metrics
+    assert "iam_pump_ledger_oldest_progress_age_seconds" in metrics
+    status_out = run_cli("status", "--config", str(config)).stdout
+    assert re.search(r"^ledger: \d+ claims owed", status_out, re.MULTILINE), status_out
     # Ctrl+C in a terminal signals the whole foreground group: the worker must still see a
     # single request to stop (one soft shutdown), not the terminal's SIGINT and then ours.
     os.killpg(run.popen.pid, signal.SIGINT)

@@ -16,6 +16,7 @@ import redis
 from celery import Celery
 
 from app.codec import encode_clean_batch, encode_envelope, record_to_row
+from app.config import load_settings
 from app.record import AnalyticsRecord
 from app.stores.dead_letters import DeadLetter
 from tests.support import (
@@ -48,8 +49,7 @@ def test_tasks_and_dead_letters_of_the_previous_version_are_delivered(
     tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
 ) -> None:
     config = write_config(tmp_path / "c.yaml", base_config(tmp_path))
-    broker = redis_db.connection_pool.connection_kwargs
-    url = f"redis://{broker['host']}:{broker['port']}/{broker['db']}"
+    url = load_settings(config).broker  # the test's Redis database, logged in as the pump
     old = Celery("previous-version", broker=url, set_as_current=False)
     old.conf.update(task_serializer="msgpack", accept_content=["msgpack"])
     batches = {tag: _records(tag, 50) for tag in ("inline", "kept", "w-inline", "w-kept", "dl")}

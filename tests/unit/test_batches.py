@@ -10,18 +10,21 @@ from app.messages import BatchRef, legacy_ref
 from app.stores.batches import BatchLostError, BatchStore, EnvelopeStore, pump_claim
 
 SETTINGS = parse_settings("pumps: {out: {type: stdout}}")
+CSV, MONGO = pump_claim("csv"), pump_claim("mongo")
 
 
 def test_a_batch_lives_until_every_pump_released_it(redis_db: redis.Redis) -> None:
     store = BatchStore(redis_db, SETTINGS.key_prefix, done_ttl_s=SETTINGS.delivery.dedup_ttl_s)
     store.hold(store.key("b1"), b"bytes", ["csv", "mongo"])
-    assert store.load(store.key("b1")) == b"bytes"
+    assert store.load(store.key("b1"), CSV) == b"bytes"
     assert store.holders(store.key("b1")) == ["csv", "mongo"]
-    assert store.release(store.key("b1"), pump_claim("csv")) == 1
-    assert store.load(store.key("b1")) == b"bytes"
-    assert store.release(store.key("b1"), pump_claim("mongo")) == 0
+    assert store.release(store.key("b1"), CSV) == 1
+    # csv is done with it (a copy of its task finds nothing to do); mongo still reads it.
+    assert store.load(store.key("b1"), CSV) is None
+    assert store.load(store.key("b1"), MONGO) == b"bytes"
+    assert store.release(store.key("b1"), MONGO) == 0
     # Released by all: the bytes are gone, a marker that expires says the batch is done.
-    assert store.load(store.key("b1")) is None
+    assert store.load(store.key("b1"), MONGO) is None
     assert redis_db.hget(store.key("b1"), "data") is None
     assert 0 < redis_db.ttl(store.key("b1")) <= SETTINGS.delivery.dedup_ttl_s
     assert store.held() == 0
@@ -39,7 +42,7 @@ def test_holding_again_adds_the_missing_pumps_and_keeps_no_expiry(redis_db: redi
     store.hold(
         store.key("b2"), b"x", ["c"]
     )  # held again after it was done: no expiry, no done marker
-    assert store.load(store.key("b2")) == b"x"
+    assert store.load(store.key("b2"), pump_claim("c")) == b"x"
     assert redis_db.ttl(store.key("b2")) == -1
 
 
@@ -48,20 +51,20 @@ def test_a_repeated_release_does_not_free_another_pumps_claim(redis_db: redis.Re
     store.hold(store.key("b3"), b"x", ["a", "b"])
     assert store.release(store.key("b3"), pump_claim("a")) == 1
     assert store.release(store.key("b3"), pump_claim("a")) == 1  # a duplicate of a's task
-    assert store.load(store.key("b3")) == b"x"
+    assert store.load(store.key("b3"), pump_claim("b")) == b"x"
     assert store.release(store.key("b3"), pump_claim("b")) == 0
     assert (
         store.release(store.key("b3"), pump_claim("b")) == 0
     )  # releasing a released batch is harmless
-    assert store.load(store.key("b3")) is None
+    assert store.load(store.key("b3"), pump_claim("b")) is None
 
 
 def test_pump_names_cannot_collide_with_the_store_fields(redis_db: redis.Redis) -> None:
     store = BatchStore(redis_db, SETTINGS.key_prefix, done_ttl_s=SETTINGS.delivery.dedup_ttl_s)
     store.hold(store.key("b4"), b"payload", ["data", "done"])
-    assert store.load(store.key("b4")) == b"payload"
+    assert store.load(store.key("b4"), pump_claim("done")) == b"payload"
     assert store.release(store.key("b4"), pump_claim("data")) == 1
-    assert store.load(store.key("b4")) == b"payload"
+    assert store.load(store.key("b4"), pump_claim("done")) == b"payload"
     assert store.release(store.key("b4"), pump_claim("done")) == 0
 
 
@@ -70,7 +73,7 @@ def test_bytes_gone_without_a_done_marker_are_reported_lost(redis_db: redis.Redi
     batches.hold(batches.key("b5"), b"x", ["a"])
     redis_db.delete(batches.key("b5"))  # what an eviction or a flush does
     with pytest.raises(BatchLostError, match="b5"):
-        batches.load(batches.key("b5"))
+        batches.load(batches.key("b5"), pump_claim("a"))
     envelopes = EnvelopeStore(redis_db, "iam-pump")
     with pytest.raises(BatchLostError, match="e1"):
         envelopes.load(envelopes.key("e1"))
@@ -129,11 +132,11 @@ def test_a_batch_ref_loads_and_releases_through_its_store(redis_db: redis.Redis)
     key = batches.key("b8")
     batches.hold(key, b"clean", ["csv"])
     ref = BatchRef(key=key)
-    assert ref.load(batches) == b"clean"
-    ref.release(batches, pump_claim("csv"))
-    assert ref.load(batches) is None
+    assert ref.load(batches, CSV) == b"clean"
+    ref.release(batches, CSV)
+    assert ref.load(batches, CSV) is None
     inline = BatchRef(inline=b"clean")
-    assert inline.load(None) == b"clean"
-    inline.release(None, pump_claim("csv"))  # nothing kept, nothing to release
+    assert inline.load(None, CSV) == b"clean"
+    inline.release(None, CSV)  # nothing kept, nothing to release
     with pytest.raises(ValueError, match="no store"):
-        BatchRef(key=key).load(None)
+        BatchRef(key=key).load(None, CSV)

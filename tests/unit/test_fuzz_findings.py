@@ -51,7 +51,7 @@ def test_a_row_nested_deeper_than_repr_can_go_is_rejected() -> None:
     payload = msgpack.packb({"id": "b", "records": []})[:-1] + b"\x91" + nested
     batch_id, good, rejected = decode_envelope(payload)
     assert (batch_id, good, len(rejected)) == ("b", [], 1)
-    assert rejected[0].reason == "expected a row of 8 values, got list of 1 item(s)"
+    assert rejected[0].reason == "expected a row of 8 values, got a list of 1"
 
 
 def test_a_time_out_of_datetimes_range_sets_aside_its_record_only() -> None:
@@ -61,8 +61,8 @@ def test_a_time_out_of_datetimes_range_sets_aside_its_record_only() -> None:
     payload = msgpack.packb({"id": "b", "records": [GOOD_ROW, far]})
     _, good, rejected = decode_envelope(payload)
     assert [row[0] for row in good] == [0]
-    assert [(reject.position, reject.reason[:25]) for reject in rejected] == [
-        (1, "ExpireAt is out of range:")
+    assert [(reject.position, reject.reason) for reject in rejected] == [
+        (1, "ExpireAt is outside a datetime's range")
     ]
 
 

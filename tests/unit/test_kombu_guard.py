@@ -1,13 +1,21 @@
-"""kombu's channel close with the broker connection already gone must not kill the worker."""
+"""kombu's channel close with the broker connection already gone must not kill the worker; a
+full Redis must neither kill it nor drop a task."""
 
 from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from kombu import Connection
 
 from app import kombu_guard
-from tests.support import REDIS_HOST, REDIS_PORT
+from tests.conftest import require
+from tests.support import REDIS_HOST, REDIS_PORT, KeepFull, RedisServer
 
 
 def _channel_whose_connection_is_gone(redis_db: redis.Redis) -> object:
@@ -42,3 +50,46 @@ def test_with_the_guard_the_channel_closes(
     channel.close()  # type: ignore[attr-defined]
     assert channel.closed  # type: ignore[attr-defined]
     assert "redelivered after the visibility timeout" in caplog.text
+
+
+@pytest.fixture
+def full_server(tmp_path: Path) -> Iterator[RedisServer]:
+    require(shutil.which("redis-server") is not None, "redis-server")
+    server = RedisServer(tmp_path / "redis", maxmemory="8mb", maxmemory_policy="noeviction")
+    yield server
+    server.stop()
+
+
+def test_a_full_redis_neither_drops_nor_kills_at_fetch_ack_and_requeue(
+    full_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    kombu_guard.install()
+    admin = full_server.client()
+    with Connection(f"redis://127.0.0.1:{full_server.port}/0") as connection:
+        channel = connection.default_channel
+        for body in ("first", "second"):
+            connection.SimpleQueue("q").put(body)
+        keep_full = KeepFull(full_server)
+        # Fetched while full: held and retried until Redis records it as unacknowledged.
+        fetched: list[Any] = []
+        fetcher = threading.Thread(target=lambda: fetched.append(channel.basic_get("q")))
+        fetcher.start()
+        fetcher.join(1.0)
+        assert fetcher.is_alive() and admin.hlen("unacked") == 0
+        keep_full.stop()
+        admin.config_set("maxmemory", 0)
+        fetcher.join(5)
+        second = channel.basic_get("q")
+        assert admin.hlen("unacked") == 2 and "holding it and retrying" in caplog.text
+        admin.config_set("maxmemory", 8 * 1024 * 1024)
+        keep_full = KeepFull(full_server)
+        # A refused requeue leaves the task unacknowledged in Redis (its visibility timeout
+        # brings it back); an acknowledgement goes through outside MULTI.
+        first = fetched[0]
+        first.reject(requeue=True)
+        assert admin.llen("q") == 0 and admin.hlen("unacked") == 2
+        assert "stays unacknowledged in Redis" in caplog.text
+        second.ack()
+        assert admin.hkeys("unacked") == [first.delivery_tag.encode()]
+        assert admin.zcard("unacked_index") == 1
+        keep_full.stop()

@@ -1,0 +1,86 @@
+"""Flower, started as the README shows it, asks for a password and then shows our worker."""
+
+from __future__ import annotations
+
+import base64
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support import (
+    REPO,
+    Proc,
+    base_config,
+    celery_env,
+    free_port,
+    start_worker,
+    wait_until,
+    write_config,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+USER, PASSWORD = "pump-ops", "correct-horse-7"
+
+
+def get(url: str, credentials: str | None = None) -> tuple[int, str]:
+    """Status and body of a GET, with HTTP basic credentials ``user:password`` if given."""
+    request = urllib.request.Request(url)
+    if credentials is not None:
+        token = base64.b64encode(credentials.encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode("utf-8", "replace")
+
+
+def test_flower_with_basic_auth_refuses_strangers_and_lists_the_worker(
+    tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
+) -> None:
+    config = write_config(tmp_path / "c.yaml", base_config(tmp_path))
+    procs.append(start_worker(config, tmp_path / "w.log", concurrency=1, name="flowerseen"))
+    port = free_port()
+    # The password in the environment, not on the command line, where `ps` shows it to everyone.
+    env = celery_env(config, FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
+    flower = Proc(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "app",
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={port}",
+        ],
+        env=env,
+        log=tmp_path / "flower.log",
+        cwd=REPO,
+    )
+    procs.append(flower)
+    flower.wait_for_output("Visit me at", timeout_s=60)
+    base = f"http://127.0.0.1:{port}"
+
+    assert get(f"{base}/")[0] == 401
+    assert get(f"{base}/api/workers")[0] == 401
+    assert get(f"{base}/", f"{USER}:wrong")[0] == 401
+    # What the README warns of: these two answer without a password.
+    assert get(f"{base}/healthcheck")[0] == 200
+    # Flower learns of workers from their events, which it switches on: the page lists the
+    # worker once its first heartbeat arrived.
+    seen: list[tuple[int, str]] = []
+
+    def lists_the_worker() -> bool:
+        seen.append(get(f"{base}/workers", f"{USER}:{PASSWORD}"))
+        return seen[-1][0] == 200 and "flowerseen@" in seen[-1][1]
+
+    assert wait_until(lists_the_worker, 30, interval_s=0.5), seen[-1][1][-2000:]
+    status, body = get(f"{base}/", f"{USER}:{PASSWORD}")
+    assert status == 200 and "flowerseen@" in body
+    print(f"\nflower: 401 without or with wrong credentials, 200 with them; {len(seen)} polls")
