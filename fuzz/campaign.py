@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_CORPUS = ROOT / "fuzz" / "corpus"
-TARGETS = ("go_record", "envelope", "clean_batch", "config")
+TARGETS = ("go_record", "envelope", "clean_batch", "config", "dead_letter_raw")
 #: How long one input may run before libFuzzer calls it a hang.
 DEFAULT_INPUT_TIMEOUT_S = 10
 

@@ -55,6 +55,9 @@ def check_usable(settings: Settings) -> None:
     check(settings.visibility_timeout_s > 0, "visibility timeout")
     check(all(isinstance(key, str) for key in settings.ignored_keys()), "ignored keys")
     check(all(entry.timeout_s > 0 for entry in settings.enabled_pumps.values()), "pump timeout")
+    for group in [*settings.pumps, "ingest"]:
+        treatments = set(settings.dead_letter_fields(group).values())
+        check(treatments <= {"keep", "redact", "drop"}, f"dead-letter fields of {group}")
     shown = masked(settings)
     password = settings.redis.password
     if password:

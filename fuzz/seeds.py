@@ -117,6 +117,22 @@ pumps:
   agg: {type: mongo-aggregate, meta: {mongo_url: "mongodb://127.0.0.1/x"}}
 """
 
+CONFIG_DEAD_LETTERS_TLS = """\
+#! CA=/etc/ssl/certs/ca-certificates.crt
+dead-letters: {request: redact, policies: drop}
+redis:
+  host: redis.internal
+  use-ssl: true
+  ssl-ca-file: ${CA}
+  username: iam-pump
+  password: ${REDIS_PASSWORD:-changeme}
+pumps:
+  mongo:
+    type: mongo
+    dead-letters: {request: keep}
+    meta: {mongo_url: "mongodb://127.0.0.1:27017/iam"}
+"""
+
 CONFIG_ANCHORS = """\
 pumps:
   a: &defaults {type: csv, timeout: 5, max-retries: 2, meta: {csv_dir: /tmp/a}}
@@ -158,11 +174,19 @@ SEEDS: dict[str, dict[str, bytes]] = {
         ),
         "seed-clean-gap": encode_clean_batch("b9", [[4, *row(RECORDS[1])]]),
     },
+    "dead_letter_raw": {
+        # First byte: the treatments (request: byte % 3, policies: byte >> 2 % 3; keep, redact,
+        # drop); then a record that failed to decode.
+        "seed-go-drop-redact": b"\x05" + encode_go_record(RECORDS[0]),
+        "seed-row-redact-keep": b"\x01" + bytes(msgpack.packb(row(RECORDS[0]))),
+        "seed-go-bad-utf8": b"\x0a" + encode_go_record(RECORDS[0]).replace(b"alice", b"al\xffce"),
+    },
     "config": {
         "seed-default": default_config_text().encode(),
         "seed-all-keys": CONFIG_ALL_KEYS.encode(),
         "seed-broker": CONFIG_BROKER.encode(),
         "seed-anchors": CONFIG_ANCHORS.encode(),
+        "seed-dead-letters-tls": CONFIG_DEAD_LETTERS_TLS.encode(),
         "seed-yaml-traps": CONFIG_YAML_TRAPS.encode(),
     },
 }

@@ -12,7 +12,7 @@ import pytest
 
 from fuzz.campaign import TARGETS, run_target
 
-#: Per harness; the four together stay under ~30 s including start-up.
+#: Per harness; all of them together stay under ~30 s including start-up.
 SECONDS = 3
 
 
