@@ -42,7 +42,7 @@ class Outcome:
         verdict = f"CRASH, input saved as {self.artifact}" if self.crashed else "no crash"
         rate = self.runs / self.seconds if self.seconds else 0.0
         return (
-            f"{self.target:12} {self.runs:>10} executions in {self.seconds:6.1f} s "
+            f"{self.target:15} {self.runs:>10} executions in {self.seconds:6.1f} s "
             f"({rate:,.0f}/s): {verdict}"
         )
 
