@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo run test lint servers servers-stop bench soak
+.PHONY: install demo run test lint servers servers-stop bench soak fuzz
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ lint: install
 
 test: install servers lint
 	$(BIN)/python -m pytest
+
+# Every fuzz harness (fuzz/) for FUZZ_SECONDS each; inputs it finds and crashes go under .fuzz/.
+FUZZ_SECONDS ?= 120
+fuzz: install
+	$(BIN)/python -m fuzz.campaign --seconds $(FUZZ_SECONDS)
 
 # Benchmarks (bench/README.md); wrk comes from Debian (apt-get install wrk).
 bench: install servers

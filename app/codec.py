@@ -138,7 +138,10 @@ def _not_utf8(exc: UnicodeError) -> str:
 def _checked_time(value: Any, name: str) -> datetime:
     # A Go producer sends nil for a time it never set; that is Go's zero time.
     if isinstance(value, msgpack.Timestamp):
-        converted: datetime = value.to_datetime()
+        try:
+            converted: datetime = value.to_datetime()
+        except (OverflowError, ValueError) as exc:
+            raise MalformedRecordError(f"{name} is outside a datetime's range") from exc
         return converted
     if value is None:
         return GO_ZERO_TIME
@@ -176,6 +179,8 @@ def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected
     if not isinstance(envelope, dict) or not isinstance(envelope.get("id"), str):
         raise MalformedBatchError("batch is not a map with a string 'id'")
     batch_id: str = envelope["id"]
+    if not utf8_checked and not _is_utf8(batch_id):
+        raise MalformedBatchError("batch id is not valid UTF-8")
     good: list[list[Any]] = []
     rejected: list[Rejected] = []
     if "go" in envelope:
@@ -188,7 +193,7 @@ def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected
                     raise MalformedRecordError("Go record is not bytes")
                 good.append([position, *decode_go_record(item)])
             except MalformedRecordError as exc:
-                raw = item if isinstance(item, bytes) else msgpack.packb(item, default=repr)
+                raw = item if isinstance(item, bytes) else _repack(item)
                 rejected.append(Rejected(position, raw, str(exc)))
         return batch_id, good, rejected
     rows = envelope.get("records")
@@ -205,19 +210,28 @@ def decode_envelope(payload: bytes) -> tuple[str, list[list[Any]], list[Rejected
 
 
 def _unpack_envelope(payload: bytes) -> tuple[Any, bool]:
-    # Nearly every batch is valid UTF-8 throughout: decoded strictly, its strings need no check
-    # one by one (True). Otherwise it is decoded leniently and each record checked (False).
+    # Nearly every batch is valid UTF-8 throughout, its times in datetime's range: decoded
+    # strictly, its strings need no check one by one (True). Otherwise it is decoded leniently,
+    # times kept as msgpack timestamps, and each record checked (False), so that one bad string
+    # or time sets aside its record rather than the batch.
     try:
         return msgpack.unpackb(payload, raw=False, timestamp=3), True
-    except UnicodeDecodeError:
+    except Exception:
         pass
-    except Exception as exc:
-        raise MalformedBatchError(f"batch is not msgpack: {exc}") from exc
     try:
-        lenient = msgpack.unpackb(payload, raw=False, timestamp=3, unicode_errors="surrogateescape")
+        lenient = msgpack.unpackb(payload, raw=False, timestamp=0, unicode_errors="surrogateescape")
     except Exception as exc:
         raise MalformedBatchError(f"batch is not msgpack: {exc}") from exc
     return lenient, False
+
+
+def _is_utf8(text: str) -> bool:
+    # A string decoded leniently holds surrogates where its bytes were not UTF-8.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_strings(row: Any) -> None:
@@ -238,7 +252,7 @@ def _repack(value: Any) -> bytes:
             msgpack.packb(value, datetime=True, unicode_errors="surrogateescape", default=repr)
         )
     except Exception:
-        return repr(value).encode("utf-8", "backslashreplace")
+        return _shape(value).encode("utf-8")
 
 
 def encode_clean_batch(batch_id: str, rows: Sequence[Sequence[Any]]) -> bytes:
@@ -249,29 +263,52 @@ def encode_clean_batch(batch_id: str, rows: Sequence[Sequence[Any]]) -> bytes:
 def decode_clean_batch(payload: bytes) -> tuple[str, list[AnalyticsRecord]]:
     """The records of a clean batch, each with its stable id.
 
+    Raises :class:`MalformedBatchError` if the payload is not a clean batch (not msgpack, not a
+    map with a string ``id`` and a ``records`` list, a row of the wrong length or types).
+
     A row's values are in :data:`~app.record.RECORD_FIELDS` order, which is the order of
     :class:`~app.record.AnalyticsRecord`'s attributes (a test pins both), so a record is built
     by position. The row is unpacked into names rather than sliced: slicing each row costs a
     tenth more per batch, and this runs for every batch in every write task.
     """
-    batch = msgpack.unpackb(payload, raw=False, timestamp=3)
-    batch_id: str = batch["id"]
-    return batch_id, [
-        AnalyticsRecord(
-            ts,
-            user,
-            effect,
-            conclusion,
-            request,
-            policies,
-            deciders,
-            expire_at,
-            f"{batch_id}-{position}",
-        )
-        for position, ts, user, effect, conclusion, request, policies, deciders, expire_at in batch[
-            "records"
+    try:
+        batch = msgpack.unpackb(payload, raw=False, timestamp=3)
+    except Exception as exc:
+        raise MalformedBatchError(f"clean batch is not msgpack: {exc}") from exc
+    try:
+        batch_id = batch["id"]
+        records = [
+            AnalyticsRecord(
+                ts,
+                user,
+                effect,
+                conclusion,
+                request,
+                policies,
+                deciders,
+                expire_at,
+                f"{batch_id}-{position}",
+            )
+            for position, ts, user, effect, conclusion, request, policies, deciders, expire_at in (
+                batch["records"]
+            )
+            # A row ingest did not write is left out, and the count below catches it.
+            if type(position) is int
+            and position >= 0
+            and type(ts) is int
+            and type(user) is str
+            and type(effect) is str
+            and type(conclusion) is str
+            and type(request) is str
+            and type(policies) is str
+            and type(deciders) is str
+            and (expire_at is None or type(expire_at) is datetime)
         ]
-    ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedBatchError(f"not a clean batch: {exc!r:.120}") from exc
+    if not isinstance(batch_id, str) or len(records) != len(batch["records"]):
+        raise MalformedBatchError("not a clean batch: no string 'id', or a row of the wrong types")
+    return batch_id, records
 
 
 def records_to_clean_rows(records: Iterable[AnalyticsRecord]) -> list[list[Any]]:

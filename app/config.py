@@ -17,13 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlencode, urlsplit
 
-import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -35,8 +34,10 @@ from pydantic import (
 )
 
 from app.config_text import (
+    check_tree,
     expand_env,
     is_secret,
+    load_yaml,
     parse_duration_s,
     shown_value,
 )
@@ -179,6 +180,15 @@ class RedisConfig(_Model):
             raise ValueError("master-name: Redis Sentinel is not supported; use broker-url")
         if len(self.addrs) > 1:
             raise ValueError("addrs: only one address is supported")
+        # The address must make a URL that redis-py and kombu can read back.
+        key, text = ("addrs", self.addrs[0]) if self.addrs else ("host", self.host)
+        port = text.partition(":")[2] if text.count(":") == 1 else str(self.port)
+        if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{key}: bad port in {text!r:.80}")
+        try:
+            urlsplit(self.url).port  # noqa: B018 - parsing is the check
+        except ValueError as exc:
+            raise ValueError(f"{key}: {text!r:.80} makes no valid URL ({exc})") from None
         return self
 
     @property
@@ -318,6 +328,8 @@ class Settings(_Model):
     def _broker(cls, value: str | None) -> str | None:
         if value is not None and "://" not in value:
             raise ValueError(f"expected a Celery broker URL like amqp://... got {value!r}")
+        if value is not None:
+            urlsplit(value).port  # noqa: B018 - raises ValueError on a URL kombu cannot read
         return value
 
     @property
@@ -404,16 +416,22 @@ def broker_is_redis(broker_url: str) -> bool:
 
 
 def load_settings(
-    path: str | os.PathLike[str] | None = None, *, meta_problems: MetaProblems | None = None
+    path: str | os.PathLike[str] | None = None,
+    *,
+    meta_problems: MetaProblems | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Read, expand and validate the configuration; raise :class:`ConfigError` on any problem.
 
-    ``meta_problems`` as for :func:`parse_settings`.
+    ``meta_problems`` and ``environ`` as for :func:`parse_settings`.
     """
     chosen = config_path(path)
     if chosen is None:
         return parse_settings(
-            default_config_text(), source="<embedded default>", meta_problems=meta_problems
+            default_config_text(),
+            source="<embedded default>",
+            meta_problems=meta_problems,
+            environ=environ,
         )
     try:
         text = Path(chosen).read_text(encoding="utf-8")
@@ -421,28 +439,38 @@ def load_settings(
         raise ConfigError(
             [("", f"cannot read config file: {exc.strerror}")], source=chosen
         ) from exc
-    return parse_settings(text, source=chosen, meta_problems=meta_problems)
+    except UnicodeDecodeError as exc:
+        raise ConfigError([("", f"config file is not UTF-8 text: {exc}")], source=chosen) from exc
+    return parse_settings(text, source=chosen, meta_problems=meta_problems, environ=environ)
 
 
 def parse_settings(
-    text: str, *, source: str = "", meta_problems: MetaProblems | None = None
+    text: str,
+    *,
+    source: str = "",
+    meta_problems: MetaProblems | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Validate YAML text into :class:`Settings`.
 
-    Each pump's ``meta`` is the pump class's to check: ``meta_problems`` (the pump registry's,
+    ``${VAR}`` references expand from ``environ`` (default: the process environment). Each
+    pump's ``meta`` is the pump class's to check: ``meta_problems`` (the pump registry's,
     :func:`pumps.settings.load_pump_settings`) reports its problems together with the rest of
     the file's. Without it ``meta`` is not looked at, so the reporter, which needs none of the
     pumps, imports no sink driver to read the file.
     """
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        raw = load_yaml(text)
+        check_tree(raw)
+        if isinstance(raw, dict):
+            raw = expand_env(raw, environ)
+            check_tree(raw)
+    except ValueError as exc:
         raise ConfigError([("", f"not valid YAML: {exc}")], source=source) from exc
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([("", "the file must be a YAML mapping")], source=source)
-    raw = expand_env(raw)
     problems: list[tuple[str, str]] = []
     settings: Settings | None = None
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,7 +48,7 @@ def parse_duration_s(value: Any) -> float:
     raise ValueError(f"expected seconds or a Go duration like '24h0m0s', got {value!r}")
 
 
-def expand_env(value: Any, environ: dict[str, str] | None = None) -> Any:
+def expand_env(value: Any, environ: Mapping[str, str] | None = None) -> Any:
     """Expand ``${VAR}`` / ``${VAR:-default}`` in every string of a parsed YAML tree.
 
     A string that is a single reference to an unset variable without a default is removed from
@@ -80,9 +81,58 @@ def expand_env(value: Any, environ: dict[str, str] | None = None) -> Any:
 def _scalar(text: str) -> Any:
     # A value that was only a reference is typed like YAML would type it ("6379" -> 6379).
     try:
-        return yaml.safe_load(text) if text.strip() else text
-    except yaml.YAMLError:
+        return load_yaml(text) if text.strip() else text
+    except ValueError:
         return text
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text; raise ValueError (a :class:`yaml.YAMLError` or not) if it cannot be.
+
+    PyYAML raises more than YAMLError: ValueError for a date that does not exist or an
+    integer of more than 4300 digits, RecursionError for deep nesting.
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from exc
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+
+
+def check_tree(value: Any) -> None:
+    """Raise ValueError unless a parsed YAML tree is of a size a configuration can be.
+
+    YAML aliases let a few bytes stand for a tree that refers to itself, or that is
+    exponentially large once each alias is followed (as expanding and validating do), so the
+    tree is measured as if expanded - each shared node once - before anything walks it.
+    """
+    _measure(value, 0, {})
+
+
+#: Bounds of a configuration tree, aliases followed: far beyond any real file.
+MAX_TREE_DEPTH = 64
+MAX_TREE_NODES = 100_000
+
+
+def _measure(value: Any, depth: int, seen: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    # (nodes, height) of value's tree; raises ValueError past the bounds.
+    if not isinstance(value, dict | list):
+        return 1, 0
+    if depth >= MAX_TREE_DEPTH:
+        raise ValueError(f"nested more than {MAX_TREE_DEPTH} deep, or an alias refers to itself")
+    known = seen.get(id(value))
+    if known is None:
+        children = value.values() if isinstance(value, dict) else value
+        measures = [_measure(child, depth + 1, seen) for child in children]
+        nodes = 1 + sum(count for count, _ in measures)
+        known = nodes, 1 + max((height for _, height in measures), default=0)
+        seen[id(value)] = known
+    if depth + known[1] > MAX_TREE_DEPTH:
+        raise ValueError(f"nested more than {MAX_TREE_DEPTH} deep")
+    if known[0] > MAX_TREE_NODES:
+        raise ValueError(f"more than {MAX_TREE_NODES} values once its aliases are followed")
+    return known
 
 
 def shown_value(location: list[str], value: Any) -> str:
@@ -101,9 +151,14 @@ def is_secret(key: str) -> bool:
 
 
 def mask_url(url: str) -> str:
-    """A URL with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    if not parts.password:
+    """A URL with its password replaced by ``***`` (all after the scheme if it does not parse)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        scheme, separator, _ = url.partition("://")
+        return f"{scheme}{separator}***"
+    if not password:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
