@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,9 +15,11 @@ from tests.support import (
     REDIS_HOST,
     REDIS_PORT,
     TEST_REDIS_DB,
+    MountRefused,
     Proc,
     admin_redis,
     port_open,
+    small_filesystem,
 )
 
 __all__ = ["es_url", "mongo_db", "mongo_uri", "require"]  # fixtures for every test module
@@ -66,3 +69,14 @@ def _fresh_context(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@contextlib.contextmanager
+def mounted_small_disk(directory: Path, size_bytes: int) -> Iterator[Path]:
+    """A filesystem of ``size_bytes`` mounted at ``directory`` for the test (needs root: skips
+    locally, fails in CI, when mounting is refused)."""
+    try:
+        with small_filesystem(directory, size_bytes) as mounted:
+            yield mounted
+    except MountRefused as exc:
+        require(False, f"a {size_bytes}-byte filesystem of the test's own ({exc})")

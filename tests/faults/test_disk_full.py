@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.conftest import mounted_small_disk
 from tests.faults.conftest import fault_config
 from tests.faults.helpers import await_delivery, make_records, report, requests_in
 from tests.support import (
     TEST_REDIS_DB,
-    MountRefused,
     Proc,
     run_cli,
-    small_filesystem,
     start_worker,
     wait_until,
     write_config,
@@ -33,11 +32,8 @@ RECORDS = 3000
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    try:
-        with small_filesystem(tmp_path / "disk", DISK_BYTES) as directory:
-            yield directory
-    except MountRefused as exc:
-        pytest.skip(str(exc))
+    with mounted_small_disk(tmp_path / "disk", DISK_BYTES) as directory:
+        yield directory
 
 
 def _dead_lettered(client: redis.Redis) -> int:

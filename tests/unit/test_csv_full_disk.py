@@ -15,7 +15,8 @@ from app.record import GO_FIELD_NAMES, AnalyticsRecord
 from pumps.csv import CSVPump
 from pumps.deadline import Deadline
 from pumps.errors import PumpTemporaryError
-from tests.support import MountRefused, fill_up, small_filesystem
+from tests.conftest import mounted_small_disk
+from tests.support import fill_up
 
 #: Small enough to fill in a few writes, large enough for a header and a few batches.
 DISK_BYTES = 64 * 1024
@@ -23,11 +24,8 @@ DISK_BYTES = 64 * 1024
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    try:
-        with small_filesystem(tmp_path / "disk", DISK_BYTES) as directory:
-            yield directory
-    except MountRefused as exc:
-        pytest.skip(str(exc))
+    with mounted_small_disk(tmp_path / "disk", DISK_BYTES) as directory:
+        yield directory
 
 
 def _pump(directory: Path, cls: type[CSVPump] = CSVPump) -> CSVPump:
