@@ -14,15 +14,19 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from kombu.connection import Connection
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app.config import Settings
 from app.messages import INGEST_QUEUE, PURGE_QUEUE, pump_queue
@@ -34,6 +38,9 @@ from pumps.host import PumpHost
 logger = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 2.0
+#: The longest the endpoint waits for a check: a check that has not answered by then fails, so a
+#: probe gets its reply within about this long even when a server's packets are being dropped.
+CHECK_DEADLINE_S = 5.0
 _COUNTERS = {
     Counter.INGESTED_BATCHES: ("iam_pump_ingested_batches", "Batches validated and fanned out."),
     Counter.INGESTED_RECORDS: ("iam_pump_ingested_records", "Records validated and fanned out."),
@@ -80,19 +87,33 @@ class HealthReport:
 
 class HealthChecker:
     """Runs the checks. Pumps are opened, checked and closed by a :class:`PumpHost` of its own,
-    the same object a worker uses, so a check sees a pump exactly as a write would."""
+    the same object a worker uses, so a check sees a pump exactly as a write would.
+
+    The checks run side by side, each given :data:`CHECK_DEADLINE_S`; Redis is pinged by a client
+    that waits :data:`CHECK_TIMEOUT_S` and does not retry, so a server that drops packets (a
+    network partition) makes the check fail in seconds instead of hanging the probe.
+    """
 
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         self.settings = settings
-        self.redis = client
+        self.redis = bounded_client(client)
         self.pumps = PumpHost(settings)
+        # Threads stuck on a dropped connection keep theirs until their own timeouts fire.
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="health-check")
 
     def check(self) -> HealthReport:
+        """Every check's result, within about :data:`CHECK_DEADLINE_S`."""
+        redis_check = self._pool.submit(self._check_redis)
+        broker_check = self._pool.submit(self._check_broker)
+        pump_checks = self._pool.submit(self.pumps.check_all)
+        deadline = time.monotonic() + CHECK_DEADLINE_S
+        late = f"no answer within {CHECK_DEADLINE_S:.0f}s"
         report = HealthReport()
-        report.checks["redis"] = self._check_redis()
-        report.checks["broker"] = self._check_broker()
-        for name, result in self.pumps.check_all().items():
-            report.checks[f"pump:{name}"] = result
+        report.checks["redis"] = _outcome(redis_check, deadline) or late
+        report.checks["broker"] = _outcome(broker_check, deadline) or late
+        pumps = _outcome(pump_checks, deadline)
+        for name in self.settings.enabled_pumps:
+            report.checks[f"pump:{name}"] = late if pumps is None else pumps[name]
         return report
 
     def _check_redis(self) -> str:
@@ -112,7 +133,37 @@ class HealthChecker:
             return f"broker did not answer: {exc}"
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.pumps.close()
+        self.redis.close()
+
+
+T = TypeVar("T")
+
+
+def _outcome(future: Future[T], deadline: float) -> T | None:
+    # The check's result, or None if it has not answered by ``deadline``.
+    try:
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except FutureTimeout:
+        return None
+
+
+def bounded_client(client: redis.Redis) -> redis.Redis:
+    """A client for the same server as ``client`` that gives up after :data:`CHECK_TIMEOUT_S`
+    and never retries (redis-py retries a timed-out command ten times by default)."""
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    kwargs.update(
+        socket_timeout=CHECK_TIMEOUT_S,
+        socket_connect_timeout=CHECK_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, max_connections=16, **kwargs
+        )
+    )
 
 
 class PumpMetrics(Collector):
@@ -203,7 +254,7 @@ class HealthServer:
         self.settings = settings
         self.checker = HealthChecker(settings, client)
         self.registry = CollectorRegistry()
-        self.registry.register(PumpMetrics(settings, client))
+        self.registry.register(PumpMetrics(settings, self.checker.redis))
         host, port = settings.health_host_port
         self._server = ThreadingHTTPServer((host, port), self._handler())
         self._server.daemon_threads = True
