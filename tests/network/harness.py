@@ -90,18 +90,40 @@ class Deployment:
         self.procs.append(
             self.net.run(
                 "redis",
-                ["redis-server", "--port", str(REDIS_PORT), "--bind", "0.0.0.0",
-                 "--protected-mode", "no", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.workdir)],  # fmt: skip
+                [
+                    "redis-server",
+                    "--port",
+                    str(REDIS_PORT),
+                    "--bind",
+                    "0.0.0.0",
+                    "--protected-mode",
+                    "no",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                ],
                 log=self.workdir / "redis.log",
             )
         )
         self.procs.append(
             self.net.run(
                 "sink",
-                [mongo_binary, "--db", "memory", "--host", "0.0.0.0", "-p", str(MONGO_PORT),
-                 "--log-file", str(self.workdir / "mongo.log"),
-                 "--pid-file", str(self.workdir / "mongo.pid")],  # fmt: skip
+                [
+                    mongo_binary,
+                    "--db",
+                    "memory",
+                    "--host",
+                    "0.0.0.0",
+                    "-p",
+                    str(MONGO_PORT),
+                    "--log-file",
+                    str(self.workdir / "mongo.log"),
+                    "--pid-file",
+                    str(self.workdir / "mongo.pid"),
+                ],
                 log=self.workdir / "mongo.out",
             )
         )
@@ -124,8 +146,8 @@ class Deployment:
                 }
             },
         }
-        if delivery:
-            config["delivery"] = delivery
+        # A lost task is sent again 20-25 s after its claim stopped moving (defaults: 120-150 s).
+        config["delivery"] = {"redelivery-window-s": 20, "sweep-interval-s": 5, **delivery}
         return write_config(self.workdir / "worker.yaml", config)
 
     def start_worker(self, config: Path, *, concurrency: int = 2) -> None:

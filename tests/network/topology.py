@@ -22,12 +22,16 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support import REPO, Proc
 
 _counter = itertools.count()
+#: Blocks of subnets handed out by this process (topologies are built from several threads).
+_taken: set[int] = set()
+_taking = threading.Lock()
 #: Third octets 10.77.X.0/24 start here; each topology takes BLOCK consecutive ones.
 FIRST_OCTET = 100
 BLOCK = 8
@@ -106,18 +110,24 @@ class Topology:
     namespaces: list[str] = field(default_factory=list)
     links: dict[str, Link] = field(default_factory=dict)
     control: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _block: int = field(init=False)
     _octets: itertools.count[int] = field(init=False)
     _root_ifaces: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._octets = itertools.count(self._free_block())
+        self._block = self._free_block()
+        self._octets = itertools.count(self._block)
 
     def _free_block(self) -> int:
-        # A block of 10.77.X.0/24 subnets that no address in the root namespace uses yet.
-        used = ip("-4", "-o", "addr", "show").stdout
-        for start in range(FIRST_OCTET, 250 - BLOCK, BLOCK):
-            if not any(f"10.77.{octet}." in used for octet in range(start, start + BLOCK)):
-                return start
+        # A block of 10.77.X.0/24 subnets that no address in the root namespace uses yet, and
+        # that no other topology of this process has taken.
+        with _taking:
+            used = ip("-4", "-o", "addr", "show").stdout
+            for start in range(FIRST_OCTET, 250 - BLOCK, BLOCK):
+                octets = range(start, start + BLOCK)
+                if start not in _taken and not any(f"10.77.{o}." in used for o in octets):
+                    _taken.add(start)
+                    return start
         raise RuntimeError("no free 10.77.X.0/24 block")
 
     def ns(self, host: str) -> str:
@@ -134,10 +144,24 @@ class Topology:
         wire = self.ns(f"w-{name}")
         subnet = f"10.77.{next(self._octets)}"
         link = Link(wire=wire, a=self.ns(a), b=self.ns(b), subnet=subnet)
-        for host_ns, end, address in ((link.a, "wa", link.a_address), (link.b, "wb", link.b_address)):
+        ends = ((link.a, "wa", link.a_address), (link.b, "wb", link.b_address))
+        for host_ns, end, address in ends:
             iface = f"{name}0"
-            ip("link", "add", "name", iface, "netns", host_ns, "type", "veth",
-               "peer", "name", end, "netns", wire)  # fmt: skip
+            ip(
+                "link",
+                "add",
+                "name",
+                iface,
+                "netns",
+                host_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                end,
+                "netns",
+                wire,
+            )
             ip("-n", host_ns, "addr", "add", f"{address}/24", "dev", iface)
             ip("-n", host_ns, "link", "set", iface, "up")
             ip("-n", wire, "link", "set", end, "up")
@@ -162,8 +186,19 @@ class Topology:
         if host not in self.control:
             subnet = f"10.77.{next(self._octets)}"
             root_end = f"iamp{self.tag}c{len(self.control)}"
-            ip("link", "add", "name", root_end, "type", "veth",
-               "peer", "name", "ctl0", "netns", self.ns(host))  # fmt: skip
+            ip(
+                "link",
+                "add",
+                "name",
+                root_end,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "ctl0",
+                "netns",
+                self.ns(host),
+            )
             self._root_ifaces.append(root_end)
             ip("addr", "add", f"{subnet}.1/24", "dev", root_end)
             ip("link", "set", root_end, "up")
@@ -190,3 +225,5 @@ class Topology:
         for name in reversed(self.namespaces):
             ip("netns", "del", name, check=False)
         self.namespaces.clear()
+        with _taking:
+            _taken.discard(self._block)

@@ -86,7 +86,10 @@ def main() -> None:
     threads = []
     for source, target in ((a, b), (b, a)):
         direction = Direction(source, target, delay_s=args.delay_ms / 1000, loss=args.loss)
-        threads += [threading.Thread(target=direction.read), threading.Thread(target=direction.send)]
+        threads += [
+            threading.Thread(target=direction.read),
+            threading.Thread(target=direction.send),
+        ]
     for thread in threads:
         thread.daemon = True
         thread.start()
