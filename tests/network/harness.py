@@ -61,16 +61,16 @@ class Health:
 class Deployment:
     """Builds the hosts and links, starts the four programs, and measures what happened."""
 
-    def __init__(self, workdir: Path, *, tag: str, shaped: bool = False) -> None:
+    def __init__(self, workdir: Path, *, tag: str) -> None:
         self.workdir = workdir
         self.tag = tag
         self.net = Topology(workdir)
         self.procs: list[Proc] = []
         links = self.net
         try:
-            self.wr = links.link("wr", "redis", "worker", forwarder=shaped)
+            self.wr = links.link("wr", "redis", "worker")
             self.rr = links.link("rr", "redis", "reporter")
-            self.ws = links.link("ws", "sink", "worker", forwarder=shaped)
+            self.ws = links.link("ws", "sink", "worker")
             self.health_url = f"http://{links.reach('worker')}:{HEALTH_PORT}/healthz"
             redis_address, sink_address = links.reach("redis"), links.reach("sink")
         except BaseException:
@@ -160,8 +160,11 @@ class Deployment:
         self.worker.wait_for_output("ready.", timeout_s=120)
         assert wait_until(lambda: self.health(timeout_s=15).status == 200, 60), self.health()
 
-    def start_reporter(self, *, rate: float, limit: int = 0, buffer: int = 20000) -> None:
-        """The reporter host, shipping to Redis across link rr."""
+    def start_reporter(
+        self, *, rate: float, limit: int = 0, buffer: int = 20000, tag: str | None = None
+    ) -> None:
+        """The reporter host, shipping to Redis across link rr; ``tag`` names its records."""
+        self.tag = tag or self.tag
         config = write_config(
             self.workdir / "reporter.yaml",
             {
@@ -169,13 +172,14 @@ class Deployment:
                 "analytics": {"records-buffer-size": buffer, "pool-size": 4},
             },
         )
-        out = self.workdir / "reporter"
+        out = self._reporter_dir()
         out.mkdir(exist_ok=True)
         args = [sys.executable, "-m", "tests.network.reporter", "--config", str(config)]
         args += ["--rate", str(rate), "--tag", self.tag, "--out", str(out)]
         args += ["--limit", str(limit)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.reporter = self.net.run("reporter", args, log=self.workdir / "reporter.log", env=env)
+        log = self.workdir / f"reporter-{self.tag}.log"
+        self.reporter = self.net.run("reporter", args, log=log, env=env)
         self.procs.append(self.reporter)
         self.reporter.wait_for_output("reporter: started", timeout_s=60)
 
@@ -189,8 +193,11 @@ class Deployment:
         """The reporter's counters once it has stopped."""
         assert self.reporter is not None
         self.reporter.popen.wait(timeout_s)
-        final: dict[str, Any] = json.loads((self.workdir / "reporter" / "final.json").read_text())
+        final: dict[str, Any] = json.loads((self._reporter_dir() / "final.json").read_text())
         return final
+
+    def _reporter_dir(self) -> Path:
+        return self.workdir / f"reporter-{self.tag}"
 
     # -- observe ------------------------------------------------------------------------------
 
@@ -208,12 +215,16 @@ class Deployment:
 
     def reporter_progress(self) -> dict[str, Any]:
         """The reporter's latest counters (written every 0.5 s)."""
-        path = self.workdir / "reporter" / "progress.json"
+        path = self._reporter_dir() / "progress.json"
         return dict(json.loads(path.read_text())) if path.exists() else {}
 
     def accepted(self) -> list[str]:
-        """The requests of every record the reporter accepted."""
-        return (self.workdir / "reporter" / "accepted").read_text().split()
+        """The requests of every record the reporters of this deployment accepted."""
+        return [
+            request
+            for path in sorted(self.workdir.glob("reporter-*/accepted"))
+            for request in path.read_text().split()
+        ]
 
     def stored(self) -> dict[str, int]:
         """request -> how many documents the sink holds for it."""

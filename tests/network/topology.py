@@ -139,8 +139,8 @@ class Topology:
             ip("-n", name, "link", "set", "lo", "up")
         return name
 
-    def link(self, name: str, a: str, b: str, *, forwarder: bool = False) -> Link:
-        """Join hosts ``a`` and ``b``; with ``forwarder`` the wire is left for :meth:`shape`."""
+    def link(self, name: str, a: str, b: str) -> Link:
+        """Join hosts ``a`` and ``b`` through a wire that bridges them (see :meth:`shape`)."""
         wire = self.ns(f"w-{name}")
         subnet = f"10.77.{next(self._octets)}"
         link = Link(wire=wire, a=self.ns(a), b=self.ns(b), subnet=subnet)
@@ -165,21 +165,35 @@ class Topology:
             ip("-n", host_ns, "addr", "add", f"{address}/24", "dev", iface)
             ip("-n", host_ns, "link", "set", iface, "up")
             ip("-n", wire, "link", "set", end, "up")
-        if not forwarder:
-            ip("-n", wire, "link", "add", "br0", "type", "bridge")
-            for end in link.ends:
-                ip("-n", wire, "link", "set", end, "master", "br0")
-            ip("-n", wire, "link", "set", "br0", "up")
+        ip("-n", wire, "link", "add", "br0", "type", "bridge")
+        ip("-n", wire, "link", "set", "br0", "up")
         self.links[name] = link
+        self.bridge(name)
         return link
 
-    def shape(self, name: str, *, delay_ms: float, loss: float, log: Path) -> None:
-        """Run the userspace wire of a ``forwarder`` link: each frame delayed, some lost."""
+    def bridge(self, name: str) -> None:
+        """Let the kernel carry link ``name`` (a bridge in its wire), stopping any forwarder."""
         link = self.links[name]
+        self._stop_forwarder(link)
+        for end in link.ends:
+            ip("-n", link.wire, "link", "set", end, "master", "br0")
+
+    def shape(self, name: str, *, delay_ms: float, loss: float, log: Path) -> None:
+        """Carry link ``name`` by the userspace wire instead: each frame delayed, some lost."""
+        link = self.links[name]
+        self._stop_forwarder(link)
+        for end in link.ends:
+            ip("-n", link.wire, "link", "set", end, "nomaster")
         args = [sys.executable, "-m", "tests.network.wire", *link.ends]
         args += ["--delay-ms", str(delay_ms), "--loss", str(loss)]
         link.forwarder = self.run(f"w-{name}", args, log=log)
         link.forwarder.wait_for_output("wire: forwarding", timeout_s=20)
+
+    @staticmethod
+    def _stop_forwarder(link: Link) -> None:
+        if link.forwarder is not None:
+            link.forwarder.stop(timeout_s=5)
+            link.forwarder = None
 
     def reach(self, host: str) -> str:
         """An address of ``host`` that the test process (root namespace) can connect to."""
@@ -217,8 +231,7 @@ class Topology:
     def destroy(self) -> None:
         """Remove every namespace (their veth ends go with them) and the control ends."""
         for link in self.links.values():
-            if link.forwarder is not None:
-                link.forwarder.stop(timeout_s=5)
+            self._stop_forwarder(link)
         for name in self._root_ifaces:
             with contextlib.suppress(RuntimeError):
                 ip("link", "del", name, check=False)
