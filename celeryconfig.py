@@ -20,6 +20,10 @@ from pumps.settings import load_pump_settings
 UNACKED_RESTORE_INTERVAL_S = 10
 #: How long kombu's restore lock may outlive the worker that took it.
 UNACKED_MUTEX_EXPIRE_S = 30
+#: Longest a broker command may wait for its reply (kombu's default: forever).
+BROKER_SOCKET_TIMEOUT_S = 15
+#: How often kombu checks its long-lived broker connections (kombu's default: 25 s).
+BROKER_HEALTH_CHECK_INTERVAL_S = 10
 
 
 def _settings() -> Settings:
@@ -45,6 +49,11 @@ broker_transport_options = {
     "unacked_restore_throttle": 1,
     # A worker killed while it held the restore lock blocks restores for this long only.
     "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
+    # A broker that goes silent (a network partition) must not hold the worker's main process:
+    # a command waits at most this long, and a BRPOP reply overdue by brpop_timeout + this
+    # interval drops the connection, so the worker reconnects soon after the network returns.
+    "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+    "health_check_interval": BROKER_HEALTH_CHECK_INTERVAL_S,
 }
 # Publishing (fan-out, retries) rides out a short broker hiccup before giving up.
 task_publish_retry = True
