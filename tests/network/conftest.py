@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import require
 from tests.network.harness import mongo_standin
-from tests.network.topology import netns_unavailable
+from tests.network.topology import netns_unavailable, remove_stale
 
 
 @pytest.fixture(scope="session")
@@ -15,4 +15,5 @@ def netns() -> None:
     reason = netns_unavailable()
     if reason is not None:
         pytest.skip(f"network namespaces unavailable: {reason}")
+    remove_stale()
     require(mongo_standin() is not None, "the MongoDB stand-in (scripts/test-servers.sh install)")

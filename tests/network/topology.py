@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,18 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def remove_stale() -> list[str]:
+    """Delete the namespaces a test process that no longer runs left behind (it was killed)."""
+    removed = []
+    for line in ip("netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        match = re.fullmatch(r"iamp(\d+)x\d+-.+", name)
+        if match and not Path(f"/proc/{match.group(1)}").exists():
+            ip("netns", "del", name, check=False)
+            removed.append(name)
+    return removed
+
+
 @dataclass
 class Link:
     """Two hosts joined through a wire namespace; ``a`` gets ``.1`` and ``b`` gets ``.2``."""
@@ -103,10 +116,10 @@ class Link:
 
 @dataclass
 class Topology:
-    """Namespaces ``iamp<id>-<host>`` and their links; :meth:`destroy` removes every one."""
+    """Namespaces ``iamp<pid>x<n>-<host>`` and their links; :meth:`destroy` removes every one."""
 
     workdir: Path
-    tag: str = field(default_factory=lambda: f"{os.getpid() % 10000}{next(_counter)}")
+    tag: str = field(default_factory=lambda: f"{os.getpid()}x{next(_counter)}")
     namespaces: list[str] = field(default_factory=list)
     links: dict[str, Link] = field(default_factory=dict)
     control: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -199,7 +212,7 @@ class Topology:
         """An address of ``host`` that the test process (root namespace) can connect to."""
         if host not in self.control:
             subnet = f"10.77.{next(self._octets)}"
-            root_end = f"iamp{self.tag}c{len(self.control)}"
+            root_end = f"ip{self.tag}c{len(self.control)}"
             ip(
                 "link",
                 "add",
