@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -212,6 +213,26 @@ class Deployment:
         except OSError as exc:
             return Health(0, {"error": str(exc)}, time.monotonic() - started)
         return Health(status, json.loads(raw or b"{}"), time.monotonic() - started)
+
+    def redis_rtt_ms(self, pings: int = 20) -> float:
+        """The mean round trip of a Redis PING from the worker host, across link wr."""
+        script = (
+            "import sys, time, redis\n"
+            "r = redis.Redis(host=sys.argv[1], port=int(sys.argv[2]), socket_timeout=10)\n"
+            "r.ping()\n"
+            "t = time.perf_counter()\n"
+            "for _ in range(int(sys.argv[3])): r.ping()\n"
+            "print((time.perf_counter() - t) / int(sys.argv[3]) * 1000)\n"
+        )
+        args = [sys.executable, "-c", script, self.wr.a_address, str(REDIS_PORT), str(pings)]
+        done = subprocess.run(
+            ["ip", "netns", "exec", self.net.ns("worker"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return float(done.stdout.strip())
 
     def reporter_progress(self) -> dict[str, Any]:
         """The reporter's latest counters (written every 0.5 s)."""
