@@ -9,6 +9,12 @@ misbehaves under it.
   step (the tasks stay in kombu's ``unacked`` hash and come back after the visibility timeout, as
   for a killed worker), so the guard logs it and lets the channel close and the consumer
   reconnect.
+* **Acknowledging on a channel whose connection is gone.** A task that finishes just as the
+  consumer reconnects is acknowledged on the old channel, whose connection kombu has already
+  dropped: kombu fails with ``AttributeError`` ('NoneType' object has no attribute 'client')
+  and the worker exits. The task is still in the ``unacked`` hash, so the guard logs it and lets
+  the task come back after the visibility timeout; the copy finds its claim released and does
+  nothing (``tasks.policy``).
 * **Redis full** (``maxmemory`` under ``noeviction``: every write that needs memory is refused
   with OOM). Putting a task back (``Reject(requeue=True)``, and the restore at shutdown) pushes it
   onto its queue, which Redis refuses; kombu's transaction is then not applied, so the task is
@@ -137,6 +143,15 @@ def _guard_ack(qos: Any) -> None:
     def ack(self: Any, delivery_tag: Any) -> Any:
         try:
             return original(self, delivery_tag)
+        except AttributeError as exc:
+            logger.warning(
+                "broker connection gone before task %s was acknowledged (%s); it stays "
+                "unacknowledged in Redis and is redelivered after the visibility timeout",
+                delivery_tag,
+                exc,
+            )
+            super(qos, self).ack(delivery_tag)
+            return None
         except redis.ResponseError:
             # A full Redis refuses every command inside MULTI; the same removal outside one is
             # accepted (neither command needs memory).

@@ -52,6 +52,21 @@ def test_with_the_guard_the_channel_closes(
     assert "redelivered after the visibility timeout" in caplog.text
 
 
+def test_an_ack_on_a_channel_whose_connection_is_gone_leaves_the_task_for_later(
+    redis_db: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kombu.transport import redis as kombu_redis
+
+    qos: Any = _channel_whose_connection_is_gone(redis_db).qos  # type: ignore[attr-defined]
+    kombu_ack = getattr(kombu_redis.QoS.ack, "__wrapped__", kombu_redis.QoS.ack)
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute"):
+        kombu_ack(qos, "tag")  # kombu alone: the worker would exit
+    kombu_guard.install()
+    qos.ack("tag")  # a task finishing as the consumer reconnects: logged, not fatal
+    assert "tag" not in qos._delivered
+    assert "redelivered after the visibility timeout" in caplog.text
+
+
 @pytest.fixture
 def full_server(tmp_path: Path) -> Iterator[RedisServer]:
     require(shutil.which("redis-server") is not None, "redis-server")
