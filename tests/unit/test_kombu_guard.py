@@ -63,7 +63,6 @@ def test_an_ack_on_a_channel_whose_connection_is_gone_leaves_the_task_for_later(
         kombu_ack(qos, "tag")  # kombu alone: the worker would exit
     kombu_guard.install()
     qos.ack("tag")  # a task finishing as the consumer reconnects: logged, not fatal
-    assert "tag" not in qos._delivered
     assert "redelivered after the visibility timeout" in caplog.text
 
 
