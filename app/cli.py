@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from app.config import CONFIG_ENV_VAR, Settings, masked, warn_ignored_keys
+from app.config_env import unused_env
 from app.errors import ConfigError
 from app.stores.clients import broker_redis_client, check_certificate, redis_client
 from pumps.settings import load_pump_settings
@@ -76,6 +77,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     print(f"# {settings.source}: valid")
+    for key, name in settings.env_overrides.items():
+        print(f"# {key}: from {name}")
+    for name in unused_env(os.environ, settings.env_overrides, frozenset({CONFIG_ENV_VAR})):
+        print(f"# {name}: sets no key (none of that name, or empty)")
     print(yaml.safe_dump(masked(settings), sort_keys=False), end="")
     return EXIT_OK
 

@@ -31,6 +31,7 @@ from pydantic import (
     field_validator,
 )
 
+from app.config_env import annotate, apply_env_overrides
 from app.config_model import ConfigModel as _Model
 from app.config_model import kebab as _kebab
 from app.config_redis import RedisConfig as RedisConfig
@@ -196,6 +197,8 @@ class Settings(_Model):
     dead_letters: DeadLetterFields = DeadLetterFields()
     pumps: dict[str, PumpEntryConfig] = Field(default_factory=dict)
     source: str = Field(default="", exclude=True)
+    #: Each key set by an ``IAM_PUMP_`` variable (dotted path -> variable), see app.config_env.
+    env_overrides: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @field_validator("pumps")
     @classmethod
@@ -343,7 +346,8 @@ def parse_settings(
 ) -> Settings:
     """Validate YAML text into :class:`Settings`.
 
-    ``${VAR}`` references expand from ``environ`` (default: the process environment). Each
+    ``${VAR}`` references expand from ``environ`` (default: the process environment), then
+    ``IAM_PUMP_<KEY PATH>`` variables there override keys (:mod:`app.config_env`). Each
     pump's ``meta`` is the pump class's to check: ``meta_problems`` (the pump registry's,
     :func:`pumps.settings.load_pump_settings`) reports its problems together with the rest of
     the file's. Without it ``meta`` is not looked at, so the reporter, which needs none of the
@@ -361,16 +365,19 @@ def parse_settings(
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([("", "the file must be a YAML mapping")], source=source)
+    raw, applied = apply_env_overrides(
+        raw, Settings, os.environ if environ is None else environ, frozenset({CONFIG_ENV_VAR})
+    )
     problems: list[tuple[str, str]] = []
     settings: Settings | None = None
     try:
-        settings = Settings.model_validate({**raw, "source": source})
+        settings = Settings.model_validate({**raw, "source": source, "env-overrides": applied})
     except ValidationError as exc:
         problems += validation_problems(exc)
     if meta_problems is not None:
         problems += meta_problems(raw.get("pumps"))
     if problems or settings is None:
-        raise ConfigError(problems, source=source)
+        raise ConfigError(annotate(problems, applied), source=source)
     return settings
 
 
