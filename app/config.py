@@ -127,10 +127,13 @@ class AnalyticsConfig(_Model):
     records_buffer_size: int = Field(default=DEFAULT_RECORDS_BUFFER_SIZE, ge=1)
     flush_interval: int = Field(default=DEFAULT_FLUSH_INTERVAL_MS, ge=1, description="ms")
     enable_detailed_recording: bool = True
+    #: iam's TTL on the Redis list; accepted, and reported as ignored: the list never expires here.
     storage_expiration_time: float = DEFAULT_STORAGE_EXPIRATION_S
+    #: Seconds until stores may forget a record the reporter stamps; 0 = never (100 years).
+    record_expiration_time: float = Field(default=0, ge=0)
     transport: Literal["celery", "redis-list"] = "celery"
 
-    @field_validator("storage_expiration_time", mode="before")
+    @field_validator("storage_expiration_time", "record_expiration_time", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> float:
         return parse_duration_s(value)
@@ -281,6 +284,8 @@ class Settings(_Model):
         ]
         if "optimisation_max_idle" in self.redis.model_fields_set:
             ignored.append("redis.optimisation-max-idle")
+        if "storage_expiration_time" in self.analytics.model_fields_set:
+            ignored.append("analytics.storage-expiration-time")
         return sorted(ignored)
 
     def key(self, *parts: str) -> str:
