@@ -27,6 +27,7 @@ BUILTIN_PUMPS: dict[str, str] = {
     "csv": "pumps.csv:CSVPump",
     "stdout": "pumps.stdout:StdoutPump",
     "memory": "pumps.memory:MemoryPump",
+    "dummy": "pumps.dummy:DummyPump",
     "mongo": "pumps.mongo:MongoPump",
     "mongo-aggregate": "pumps.mongo_aggregate:MongoAggregatePump",
     "elasticsearch": "pumps.elasticsearch:ElasticsearchPump",
