@@ -96,9 +96,13 @@ class FiltersConfig(_Model):
 
 
 class PumpEntryConfig(_Model):
-    """One entry of ``pumps:``: the common fields; ``meta`` is validated by the pump's class."""
+    """One entry of ``pumps:``: the common fields; ``meta`` is validated by the pump's class.
 
-    type: str
+    An empty or missing ``type`` is the entry's key, as iam reads it (``pumps: {csv: {...}}``);
+    :class:`Settings` fills it in, so ``type`` is never empty once loaded.
+    """
+
+    type: str = ""
     enabled: bool = True
     filters: FiltersConfig = FiltersConfig()
     timeout: float = Field(default=DEFAULT_PUMP_TIMEOUT_S, ge=0)
@@ -107,6 +111,11 @@ class PumpEntryConfig(_Model):
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=100)
     dead_letters: DeadLetterFields = DeadLetterFields()
     meta: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _no_type(cls, value: Any) -> Any:
+        return "" if value is None else value
 
     @property
     def timeout_s(self) -> float:
@@ -206,7 +215,10 @@ class Settings(_Model):
         for name in pumps:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
                 raise ValueError(f"pump name {name!r} must be letters, digits, '_', '.', '-'")
-        return pumps
+        return {
+            name: entry if entry.type else entry.model_copy(update={"type": name})
+            for name, entry in pumps.items()
+        }
 
     @field_validator("health_check_address")
     @classmethod
