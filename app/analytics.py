@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import msgpack
@@ -37,7 +37,7 @@ from app.analytics_options import AnalyticsOptions
 from app.analytics_stats import AnalyticsStats, LockFreeCounter
 from app.backoff import backoff_s
 from app.errors import ShipError
-from app.record import RECORD_FIELDS, AnalyticsRecord
+from app.record import RECORD_FIELDS, AnalyticsRecord, expire_at_after
 from app.stores.clients import check_certificate
 from app.transports import CeleryTransport, EncodeError, RedisListTransport, Transport
 
@@ -330,7 +330,7 @@ class Analytics:
 
     def _rows(self, records: list[AnalyticsRecord]) -> list[list[Any]]:
         """Rows ready to pack, with the reporter's expiry and detail settings applied."""
-        default_expiry = datetime.now(UTC) + timedelta(seconds=self.options.storage_expiration_s)
+        default_expiry = expire_at_after(self.options.record_expiration_s)
         detailed = self.options.enable_detailed_recording
         rows = [
             [

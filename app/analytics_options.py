@@ -13,7 +13,6 @@ from app.config import (
     DEFAULT_KEY_PREFIX,
     DEFAULT_POOL_SIZE,
     DEFAULT_RECORDS_BUFFER_SIZE,
-    DEFAULT_STORAGE_EXPIRATION_S,
     Settings,
     load_settings,
 )
@@ -30,7 +29,9 @@ class AnalyticsOptions:
     records_buffer_size: int = DEFAULT_RECORDS_BUFFER_SIZE
     flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS
     enable_detailed_recording: bool = True
-    storage_expiration_s: float = DEFAULT_STORAGE_EXPIRATION_S
+    #: Seconds after which stores may forget a record whose ``expire_at`` is unset; 0 is iam's
+    #: "never" (``expire_at`` 100 years ahead).
+    record_expiration_s: float = 0
     transport: Literal["celery", "redis-list"] = "celery"
     broker_url: str = "redis://127.0.0.1:6379/0"
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -56,7 +57,7 @@ class AnalyticsOptions:
             records_buffer_size=block.records_buffer_size,
             flush_interval_ms=block.flush_interval,
             enable_detailed_recording=block.enable_detailed_recording,
-            storage_expiration_s=block.storage_expiration_time,
+            record_expiration_s=block.record_expiration_time,
             transport=block.transport,
             broker_url=settings.broker,
             redis_url=settings.redis.url,

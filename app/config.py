@@ -97,9 +97,13 @@ class FiltersConfig(_Model):
 
 
 class PumpEntryConfig(_Model):
-    """One entry of ``pumps:``: the common fields; ``meta`` is validated by the pump's class."""
+    """One entry of ``pumps:``: the common fields; ``meta`` is validated by the pump's class.
 
-    type: str
+    An empty or missing ``type`` is the entry's key, as iam reads it (``pumps: {csv: {...}}``);
+    :class:`Settings` fills it in, so ``type`` is never empty once loaded.
+    """
+
+    type: str = ""
     enabled: bool = True
     filters: FiltersConfig = FiltersConfig()
     timeout: float = Field(default=DEFAULT_PUMP_TIMEOUT_S, ge=0)
@@ -108,6 +112,11 @@ class PumpEntryConfig(_Model):
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=100)
     dead_letters: DeadLetterFields = DeadLetterFields()
     meta: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _no_type(cls, value: Any) -> Any:
+        return "" if value is None else value
 
     @property
     def timeout_s(self) -> float:
@@ -128,10 +137,13 @@ class AnalyticsConfig(_Model):
     records_buffer_size: int = Field(default=DEFAULT_RECORDS_BUFFER_SIZE, ge=1)
     flush_interval: int = Field(default=DEFAULT_FLUSH_INTERVAL_MS, ge=1, description="ms")
     enable_detailed_recording: bool = True
+    #: iam's TTL on the Redis list; accepted, and reported as ignored: the list never expires here.
     storage_expiration_time: float = DEFAULT_STORAGE_EXPIRATION_S
+    #: Seconds until stores may forget a record the reporter stamps; 0 = never (100 years).
+    record_expiration_time: float = Field(default=0, ge=0)
     transport: Literal["celery", "redis-list"] = "celery"
 
-    @field_validator("storage_expiration_time", mode="before")
+    @field_validator("storage_expiration_time", "record_expiration_time", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> float:
         return parse_duration_s(value)
@@ -206,7 +218,10 @@ class Settings(_Model):
         for name in pumps:
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
                 raise ValueError(f"pump name {name!r} must be letters, digits, '_', '.', '-'")
-        return pumps
+        return {
+            name: entry if entry.type else entry.model_copy(update={"type": name})
+            for name, entry in pumps.items()
+        }
 
     @field_validator("health_check_address")
     @classmethod
@@ -284,6 +299,8 @@ class Settings(_Model):
         ]
         if "optimisation_max_idle" in self.redis.model_fields_set:
             ignored.append("redis.optimisation-max-idle")
+        if "storage_expiration_time" in self.analytics.model_fields_set:
+            ignored.append("analytics.storage-expiration-time")
         return sorted(ignored)
 
     def key(self, *parts: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from operator import attrgetter
 
@@ -66,6 +66,9 @@ string_values = attrgetter(*(spec.attribute for spec in STRING_FIELDS))
 
 #: The Go zero time (0001-01-01 00:00:00 UTC), which a Go producer sends for an unset ExpireAt.
 GO_ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)
+#: How far ahead iam-authz-server stamps ExpireAt when it asks for no expiry (100 years of 365
+#: days): stores keep such a record, and a TTL index never reaches it.
+NO_EXPIRY = timedelta(days=365 * 100)
 
 
 @dataclass(slots=True)
@@ -73,9 +76,10 @@ class AnalyticsRecord:
     """One authorization decision, as iam-authz-server records it.
 
     ``timestamp`` is Unix seconds. ``expire_at`` tells stores that support it (MongoDB's TTL
-    index) when to forget the record; the reporter fills it from ``storage-expiration-time`` when
-    it is left as ``None``. ``id`` is assigned by the pipeline (batch id and position) and is the
-    same on every redelivery, so upserting sinks write each record once.
+    index) when to forget the record; the reporter fills it from ``record-expiration-time`` when
+    it is left as ``None`` (by default 100 years ahead, as iam does). ``id`` is assigned by the
+    pipeline (batch id and position) and is the same on every redelivery, so upserting sinks
+    write each record once.
     """
 
     timestamp: int = field(default_factory=lambda: int(time.time()))
@@ -113,3 +117,12 @@ def go_expiry(record: AnalyticsRecord) -> datetime:
     """:func:`expiry` as Go formats carry it (msgpack, CSV): never is the Go zero time."""
     expire_at = expiry(record)
     return GO_ZERO_TIME if expire_at is None else expire_at
+
+
+def expire_at_after(seconds: float, now: datetime | None = None) -> datetime:
+    """The ``expire_at`` of a record that may be forgotten ``seconds`` after ``now``.
+
+    ``seconds`` of 0 (or less) means no expiry, which iam stamps as 100 years ahead.
+    """
+    start = now if now is not None else datetime.now(UTC)
+    return start + (timedelta(seconds=seconds) if seconds > 0 else NO_EXPIRY)

@@ -27,6 +27,7 @@ BUILTIN_PUMPS: dict[str, str] = {
     "csv": "pumps.csv:CSVPump",
     "stdout": "pumps.stdout:StdoutPump",
     "memory": "pumps.memory:MemoryPump",
+    "dummy": "pumps.dummy:DummyPump",
     "mongo": "pumps.mongo:MongoPump",
     "mongo-aggregate": "pumps.mongo_aggregate:MongoAggregatePump",
     "elasticsearch": "pumps.elasticsearch:ElasticsearchPump",
@@ -74,20 +75,24 @@ def meta_problems(pumps: object) -> list[tuple[str, str]]:
 
     Runs on the raw mapping, so a bad pump type or meta is reported together with every other
     problem of the file. A pump whose driver is missing is not a problem here: only that pump
-    fails, when it is used, naming what to install.
+    fails, when it is used, naming what to install. An empty or missing ``type`` is the key's.
     """
     if not isinstance(pumps, dict):
         return []
     problems: list[tuple[str, str]] = []
     for name, entry in pumps.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
+        if not isinstance(entry, dict):
+            continue
+        type_name = entry.get("type") or name
+        if not isinstance(type_name, str):
             continue
         try:
-            pump_class = resolve_pump_class(entry["type"])
+            pump_class = resolve_pump_class(type_name)
         except PumpUnavailableError:
             continue
         except PumpConfigError as exc:
-            problems.append((f"pumps.{name}.type", str(exc)))
+            said = "" if entry.get("type") else " (no type given: the key is the type)"
+            problems.append((f"pumps.{name}.type", f"{exc}{said}"))
             continue
         try:
             pump_class.Meta.model_validate(entry.get("meta") or {})

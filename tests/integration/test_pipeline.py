@@ -366,20 +366,31 @@ def test_iam_pump_run_refuses_a_bad_config(tmp_path: Path) -> None:
     assert "pumps.x.type" in result.stderr
 
 
-def test_expiry_is_filled_from_storage_expiration_time(
+def test_expiry_is_100_years_ahead_unless_record_expiration_time_is_set(
     tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
 ) -> None:
-    config = write_config(
-        tmp_path / "c.yaml", base_config(tmp_path, analytics={"storage-expiration-time": "2h"})
+    """iam's default (no expiry: 100 years ahead), then the opt-in, through the CSV pump."""
+    default = write_config(tmp_path / "d.yaml", base_config(tmp_path))
+    opt_in = write_config(
+        tmp_path / "c.yaml",
+        base_config(
+            tmp_path,
+            analytics={"storage-expiration-time": "24h0m0s", "record-expiration-time": "2h"},
+        ),
     )
-    procs.append(start_worker(config, tmp_path / "worker.log"))
-    report([AnalyticsRecord(username="x", request="exp")], config)
-    assert wait_until(lambda: len(read_csv_rows(tmp_path / "csv")) == 1, 30)
-    expire = read_csv_rows(tmp_path / "csv")[0]["ExpireAt"]
-    parsed = datetime.strptime(
-        expire.split(".")[0].replace(" +0000 UTC", ""), "%Y-%m-%d %H:%M:%S"
-    ).replace(tzinfo=UTC)
-    assert abs((parsed - (datetime.now(UTC) + timedelta(hours=2))).total_seconds()) < 60
+    procs.append(start_worker(default, tmp_path / "worker.log"))
+    report([AnalyticsRecord(username="x", request="never")], default)
+    report([AnalyticsRecord(username="x", request="exp")], opt_in)
+    assert wait_until(lambda: len(read_csv_rows(tmp_path / "csv")) == 2, 30)
+    expiry_of = {
+        row["Request"]: datetime.strptime(
+            row["ExpireAt"].split(".")[0].replace(" +0000 UTC", ""), "%Y-%m-%d %H:%M:%S"
+        ).replace(tzinfo=UTC)
+        for row in read_csv_rows(tmp_path / "csv")
+    }
+    now = datetime.now(UTC)
+    assert abs((expiry_of["never"] - (now + timedelta(days=36500))).total_seconds()) < 60
+    assert abs((expiry_of["exp"] - (now + timedelta(hours=2))).total_seconds()) < 60
 
 
 def task_arguments(raw: bytes) -> tuple[list[Any], dict[str, Any]]:

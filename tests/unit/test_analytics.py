@@ -151,9 +151,20 @@ def test_stop_gives_up_after_its_timeout_and_counts_the_loss() -> None:
     assert stats.lost_at_stop == 5 and stats.shipped_records == 0
 
 
+def test_expiry_is_100_years_ahead_unless_a_record_expiration_time_is_set() -> None:
+    transport = MemoryTransport()
+    analytics = reporter(transport)
+    analytics.start()
+    analytics.record_hit(AnalyticsRecord(username="a"))
+    analytics.stop()
+    (row,) = transport.rows()
+    expected = datetime.now(UTC) + timedelta(days=365 * 100)
+    assert abs((row[7] - expected).total_seconds()) < 10
+
+
 def test_expiry_and_detail_settings_apply_when_shipping() -> None:
     transport = MemoryTransport()
-    analytics = reporter(transport, storage_expiration_s=3600, enable_detailed_recording=False)
+    analytics = reporter(transport, record_expiration_s=3600, enable_detailed_recording=False)
     analytics.start()
     explicit = datetime(2030, 1, 1, tzinfo=UTC)
     analytics.record_hit(AnalyticsRecord(username="a", policies="p", deciders="d"))
@@ -191,11 +202,11 @@ def test_options_come_from_the_yaml_file(tmp_path: object) -> None:
     path.write_text(
         "redis: {host: 10.1.1.1, port: 6390}\n"
         "analytics: {pool-size: 5, records-buffer-size: 5000, flush-interval: 50,"
-        " storage-expiration-time: 1h0m0s, transport: redis-list}\n"
+        " storage-expiration-time: 1h0m0s, record-expiration-time: 2h, transport: redis-list}\n"
     )
     options = AnalyticsOptions.from_yaml(str(path))
     assert options.batch_size == 1000 and options.flush_interval_ms == 50
-    assert options.storage_expiration_s == 3600 and options.transport == "redis-list"
+    assert options.record_expiration_s == 7200 and options.transport == "redis-list"
     assert options.broker_url == options.redis_url == "redis://10.1.1.1:6390/0"
 
 

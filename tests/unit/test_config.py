@@ -77,6 +77,8 @@ def test_iams_own_file_loads_with_unset_variables(monkeypatch: pytest.MonkeyPatc
     assert csv.timeout_s == 5 and csv.hard_time_limit_s > 5
     assert settings.analytics.pool_size == 50
     assert settings.analytics.storage_expiration_time == 86400
+    assert settings.analytics.record_expiration_time == 0
+    assert "analytics.storage-expiration-time" in settings.ignored_keys()
     assert settings.broker == "redis://127.0.0.1:6379/0"
 
 
@@ -110,7 +112,8 @@ def test_every_problem_is_reported_with_its_key_path() -> None:
     found = problems(
         "purge-delay: soon\n"
         "redis: {prot: 1}\n"
-        "analytics: {flush-interval: -5, storage-expiration-time: forever}\n"
+        "analytics: {flush-interval: -5, storage-expiration-time: forever,"
+        " record-expiration-time: -1}\n"
         "pumps:\n"
         "  a: {type: cvs}\n"
         "  b: {type: csv, meta: {}}\n"
@@ -121,6 +124,7 @@ def test_every_problem_is_reported_with_its_key_path() -> None:
     assert found["redis.prot"] == "unknown key"
     assert "analytics.flush-interval" in found
     assert "analytics.storage-expiration-time" in found
+    assert "analytics.record-expiration-time" in found
     assert "did you mean 'csv'" in found["pumps.a.type"]
     assert "pumps.b.meta.csv_dir" in found
     assert "pumps.c.timeout" in found
@@ -183,10 +187,12 @@ def test_celery_worker_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
 def test_iam_options_without_effect_are_reported(caplog: pytest.LogCaptureFixture) -> None:
     settings = parse_pump_settings(
         "log: {level: warn, name: pump, output-paths: x}\nredis: {optimisation-max-idle: 5}\n"
+        "analytics: {storage-expiration-time: 1h}\n"
     )
     with caplog.at_level("WARNING"):
         warn_ignored_keys(settings)
     assert settings.ignored_keys() == [
+        "analytics.storage-expiration-time",
         "log.name",
         "log.output-paths",
         "redis.optimisation-max-idle",

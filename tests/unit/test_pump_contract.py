@@ -10,6 +10,7 @@ its own database or index, dropped afterwards. What each store pump adds to the 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections import Counter
 from pathlib import Path
@@ -23,6 +24,7 @@ from app.errors import ConfigError
 from app.record import AnalyticsRecord
 from pumps.base import Pump
 from pumps.csv import CSVPump
+from pumps.dummy import DummyPump
 from pumps.elasticsearch import ElasticsearchPump
 from pumps.memory import MemoryPump
 from pumps.mongo import MongoPump
@@ -89,6 +91,35 @@ class TestMemoryPump(PumpContract):
 
     def unreachable_meta(self, tmp_path: Path) -> dict[str, Any]:
         return {"fail_times": 1}
+
+
+class TestDummyPump(PumpContract):
+    """The dummy keeps no records, only their number: every record counts under one key, and
+    the sink read back is the sum of the counts the pump logged."""
+
+    pump_class = DummyPump
+    pump_type = "dummy"
+
+    @pytest.fixture(autouse=True)
+    def _logs(self, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.INFO, logger="pumps.dummy")
+        self.caplog = caplog
+
+    def record_key(self, record: AnalyticsRecord) -> str:
+        return "records"
+
+    def expected(self, records: list[AnalyticsRecord], copies_each: int) -> Counter[str]:
+        return Counter({"records": len(records) * copies_each}) if records else Counter()
+
+    def stored_ids(self, pump: Pump) -> Counter[str]:
+        logged = [
+            entry.args
+            for entry in self.caplog.records
+            if entry.name == "pumps.dummy" and isinstance(entry.args, tuple)
+        ]
+        counts = [int(str(args[1])) for args in logged if args[0] == pump.name]
+        assert isinstance(pump, DummyPump) and pump.received == sum(counts)
+        return Counter({"records": sum(counts)}) if counts else Counter()
 
 
 @pytest.mark.integration
@@ -162,7 +193,7 @@ class TestElasticsearchPump(PumpContract):
 
 
 def test_every_builtin_pump_runs_the_contract() -> None:
-    tested = {TestCsvPump, TestStdoutPump, TestMemoryPump, TestMongoPump}
+    tested = {TestCsvPump, TestStdoutPump, TestMemoryPump, TestDummyPump, TestMongoPump}
     tested |= {TestMongoAggregatePump, TestElasticsearchPump}
     assert {case.pump_type for case in tested} == set(BUILTIN_PUMPS)
 

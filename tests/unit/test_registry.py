@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from app.errors import ConfigError
 from pumps import registry
 from pumps.csv import CSVPump
+from pumps.deadline import Deadline
 from pumps.errors import PumpConfigError, PumpUnavailableError
+from pumps.host import PumpHost
+from pumps.settings import load_pump_settings, parse_pump_settings
+from pumps.testing.records import make_records
+from tests.support import read_csv_rows
 
 
 @pytest.fixture
@@ -75,3 +81,36 @@ def test_meta_problems_name_the_bad_type_and_meta_keys() -> None:
     assert [path for path, _ in problems] == ["pumps.a.type", "pumps.b.meta.extra"]
     assert problems[1][1] == "unknown key"
     assert registry.meta_problems(None) == []
+
+
+def test_a_pump_without_a_type_takes_its_key_and_runs(tmp_path: Path) -> None:
+    """iam reads ``pumps: {csv: {meta: ...}}`` (no type, or an empty one) as a csv pump."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"pumps:\n  csv: {{meta: {{csv_dir: '{tmp_path / 'csv'}'}}}}\n"
+        "  dummy: {type: '', meta: {}}\n  stdout: {type: }\n"
+    )
+    settings = load_pump_settings(config)
+    assert {name: entry.type for name, entry in settings.pumps.items()} == {
+        "csv": "csv",
+        "dummy": "dummy",
+        "stdout": "stdout",
+    }
+    host = PumpHost(settings)
+    try:
+        records = make_records("keyed", 3)
+        host.pump("csv").write(records, deadline=Deadline.after(5))
+    finally:
+        host.close()
+    rows = read_csv_rows(tmp_path / "csv")
+    assert [row["Username"] for row in rows] == [record.username for record in records]
+
+
+def test_a_key_that_is_no_pump_type_is_named_with_its_path() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_pump_settings("pumps: {cvs: {meta: {}}, ok: {type: csv, meta: {csv_dir: d}}}\n")
+    problems = dict(caught.value.problems)
+    assert list(problems) == ["pumps.cvs.type"]
+    assert "unknown pump type 'cvs'" in problems["pumps.cvs.type"]
+    assert "did you mean 'csv'" in problems["pumps.cvs.type"]
+    assert "the key is the type" in problems["pumps.cvs.type"]
