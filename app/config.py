@@ -70,6 +70,8 @@ DEFAULT_DEDUP_TTL_S = 24 * 3600
 DEFAULT_HEALTH_CHECK_ADDRESS = "127.0.0.1:7070"
 #: How long the purge lock outlives a purge that died holding it (renewed at every chunk).
 DEFAULT_PURGE_LOCK_TTL_S = 30.0
+#: Expiry of iam's own lock (the Go iam-pump's redsync mutex ``iam-pump``: 10 minutes).
+DEFAULT_IAM_LOCK_TTL_S = 600.0
 #: On SIGTERM, how long running tasks may go on before the unfinished ones are requeued; keep it
 #: below your orchestrator's grace period (Kubernetes: 30 s).
 DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S = 10.0
@@ -146,6 +148,8 @@ class DeliveryConfig(_Model):
     visibility_timeout_s: float | None = Field(default=None, gt=0)
     soft_shutdown_timeout_s: float = Field(default=DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S, ge=0)
     purge_lock_ttl_s: float = Field(default=DEFAULT_PURGE_LOCK_TTL_S, ge=1)
+    #: Expiry of the ``iam-pump`` lock shared with a Go iam-pump, held around each chunk.
+    iam_lock_ttl_s: float = Field(default=DEFAULT_IAM_LOCK_TTL_S, ge=1)
     redelivery_window_s: float = Field(default=DEFAULT_REDELIVERY_WINDOW_S, ge=15)
     sweep_interval_s: float = Field(default=DEFAULT_SWEEP_INTERVAL_S, ge=1)
     #: Start even when a Redis we keep batches on may evict any key (``allkeys-*``).
