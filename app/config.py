@@ -70,6 +70,9 @@ DEFAULT_DEDUP_TTL_S = 24 * 3600
 DEFAULT_HEALTH_CHECK_ADDRESS = "127.0.0.1:7070"
 #: How long the purge lock outlives a purge that died holding it (renewed at every chunk).
 DEFAULT_PURGE_LOCK_TTL_S = 30.0
+#: The Go iam-pump's lock (its redsync mutex), in database 0 of iam's Redis; the purge takes it
+#: too. Fixed, as in iam.
+IAM_LOCK_KEY = "iam-pump"
 #: Expiry of iam's own lock (the Go iam-pump's redsync mutex ``iam-pump``: 10 minutes).
 DEFAULT_IAM_LOCK_TTL_S = 600.0
 #: On SIGTERM, how long running tasks may go on before the unfinished ones are requeued; keep it

@@ -41,6 +41,7 @@ import redis
 
 from app.celery_app import app
 from app.codec import encode_go_envelope
+from app.config import IAM_LOCK_KEY
 from app.messages import PURGE_TASK
 from app.stores.locks import RedisLock
 from app.stores.stats import Counter
@@ -51,8 +52,6 @@ logger = logging.getLogger(__name__)
 
 #: Longest a single purge run drains before it lets the next scheduled run take over.
 PURGE_RUN_BUDGET_S = 30.0
-#: The Go iam-pump's lock (its redsync mutex), in database 0 of iam's Redis.
-IAM_LOCK_KEY = "iam-pump"
 #: How long a chunk waits for a Go iam-pump to give its lock up before the run stops.
 IAM_LOCK_WAIT_S = 2.0
 

@@ -21,9 +21,9 @@ import redis
 from celery import Celery
 
 from app.codec import encode_go_record
-from app.config import parse_settings
+from app.config import IAM_LOCK_KEY, parse_settings
 from app.worker_context import WorkerContext
-from tasks.purge import IAM_LOCK_KEY, drain
+from tasks.purge import drain
 from tests.faults.helpers import make_records
 from tests.support import RedisServer
 
