@@ -71,6 +71,11 @@ DEFAULT_DEDUP_TTL_S = 24 * 3600
 DEFAULT_HEALTH_CHECK_ADDRESS = "127.0.0.1:7070"
 #: How long the purge lock outlives a purge that died holding it (renewed at every chunk).
 DEFAULT_PURGE_LOCK_TTL_S = 30.0
+#: The Go iam-pump's lock (its redsync mutex), in database 0 of iam's Redis; the purge takes it
+#: too. Fixed, as in iam.
+IAM_LOCK_KEY = "iam-pump"
+#: Expiry of iam's own lock (the Go iam-pump's redsync mutex ``iam-pump``: 10 minutes).
+DEFAULT_IAM_LOCK_TTL_S = 600.0
 #: On SIGTERM, how long running tasks may go on before the unfinished ones are requeued; keep it
 #: below your orchestrator's grace period (Kubernetes: 30 s).
 DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S = 10.0
@@ -159,6 +164,8 @@ class DeliveryConfig(_Model):
     visibility_timeout_s: float | None = Field(default=None, gt=0)
     soft_shutdown_timeout_s: float = Field(default=DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S, ge=0)
     purge_lock_ttl_s: float = Field(default=DEFAULT_PURGE_LOCK_TTL_S, ge=1)
+    #: Expiry of the ``iam-pump`` lock shared with a Go iam-pump, held around each chunk.
+    iam_lock_ttl_s: float = Field(default=DEFAULT_IAM_LOCK_TTL_S, ge=1)
     redelivery_window_s: float = Field(default=DEFAULT_REDELIVERY_WINDOW_S, ge=15)
     sweep_interval_s: float = Field(default=DEFAULT_SWEEP_INTERVAL_S, ge=1)
     #: Start even when a Redis we keep batches on may evict any key (``allkeys-*``).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from app.config import Settings, broker_is_redis
+from app.config import IAM_LOCK_KEY, Settings, broker_is_redis
 
 #: Commands, grouped by what needs them. No CONFIG, FLUSH*, KEYS, ACL, DEBUG or SHUTDOWN.
 COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -77,8 +77,8 @@ def celery_channels(database: int) -> tuple[str, ...]:
 
 
 def key_patterns(settings: Settings) -> tuple[str, ...]:
-    """Our keys, iam's list and, with a Redis broker, Celery's keys."""
-    own = (f"{settings.key_prefix}:*", settings.analytics_key)
+    """Our keys, iam's list and lock and, with a Redis broker, Celery's keys."""
+    own = (f"{settings.key_prefix}:*", settings.analytics_key, IAM_LOCK_KEY)
     return own + (CELERY_KEY_PATTERNS if broker_is_redis(settings.broker) else ())
 
 

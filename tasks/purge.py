@@ -8,11 +8,20 @@ it is empty or its time budget is spent:
 A crash of the purge at any point loses nothing; the lock expires after
 ``delivery.purge-lock-ttl-s`` and the next run carries on.
 
+Each chunk is read and trimmed under a second lock, the one a Go iam-pump takes around its
+``MULTI; LRANGE 0 -1; DEL; EXEC``: the key ``iam-pump`` (not configurable, as in iam), in
+database 0 (iam's lock client never selects another), ``SET NX PX`` with a random token
+(``delivery.iam-lock-ttl-s``, iam's 10 minutes by default) and a compare-and-delete release. So a
+Go pump and this purge never drain the list at the same time, and our trim never removes records a
+Go pump left behind. Our own lock stays: it keeps two of our runs from taking turns chunk by chunk
+and expires after ``delivery.purge-lock-ttl-s`` whatever iam's lock does.
+
 1. read the head chunk with ``LRANGE`` (nothing is removed yet);
 2. enqueue it as one ingest task whose batch id is ``<epoch>-<offset>``, the offset being how many
    records were ever removed from the list: the same chunk always gets the same id;
-3. only then remove it: one script checks the lock is still ours, ``LTRIM``s the chunk and advances
-   the offset atomically.
+3. only then remove it: iam's lock is extended if still ours (it then cannot lapse before the
+   trim), and one script checks our lock is still ours, ``LTRIM``s the chunk and advances the
+   offset atomically; iam's lock is released.
 
 A crash before step 3 leaves the chunk in the list; the next run enqueues it again under the same
 batch id, and ingest, which remembers which pumps got that batch, does not deliver it twice.
@@ -24,10 +33,15 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+import redis
 
 from app.celery_app import app
 from app.codec import encode_go_envelope
+from app.config import IAM_LOCK_KEY
 from app.messages import PURGE_TASK
 from app.stores.locks import RedisLock
 from app.stores.stats import Counter
@@ -38,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: Longest a single purge run drains before it lets the next scheduled run take over.
 PURGE_RUN_BUDGET_S = 30.0
+#: How long a chunk waits for a Go iam-pump to give its lock up before the run stops.
+IAM_LOCK_WAIT_S = 2.0
 
 # KEYS: lock, list, offset; ARGV: token, count, lock ttl ms.
 _TRIM_IF_OWNER = """
@@ -106,21 +122,60 @@ def _drain_chunks(
     epoch = _epoch(context)
     trim = client.register_script(_TRIM_IF_OWNER)
     keys = [lock.key, settings.analytics_key, settings.key("purge", "offset")]
-    while time.monotonic() < deadline:
-        offset = int(client.get(keys[2]) or 0)
-        chunk = client.lrange(keys[1], 0, settings.delivery.purge_chunk_size - 1)
-        if not chunk:
-            return
-        batch_id = f"{epoch}-{offset}"
-        envelope = encode_go_envelope(batch_id, [as_bytes(item) for item in chunk])
-        context.sender.send_ingest(context.sender.envelope_ref(batch_id, envelope))
-        if not trim(keys=keys, args=[lock.token, len(chunk), lock.ttl_ms]):
-            logger.warning("purge: lock lost after enqueuing batch %s; stopping", batch_id)
-            moved.status = "lock-lost"
-            return
-        moved.records += len(chunk)
-        moved.batches += 1
-    moved.status = "budget"
+    iam_lock = RedisLock(
+        _database_zero(client),
+        IAM_LOCK_KEY,
+        ttl_ms=int(settings.delivery.iam_lock_ttl_s * 1000),
+    )
+    try:
+        while time.monotonic() < deadline:
+            with _held(iam_lock) as held:
+                if not held:
+                    moved.status = "iam-busy"
+                    return
+                offset = int(client.get(keys[2]) or 0)
+                chunk = client.lrange(keys[1], 0, settings.delivery.purge_chunk_size - 1)
+                if not chunk:
+                    return
+                batch_id = f"{epoch}-{offset}"
+                envelope = encode_go_envelope(batch_id, [as_bytes(item) for item in chunk])
+                context.sender.send_ingest(context.sender.envelope_ref(batch_id, envelope))
+                if not iam_lock.extend() or not trim(
+                    keys=keys, args=[lock.token, len(chunk), lock.ttl_ms]
+                ):
+                    logger.warning("purge: lock lost after enqueuing batch %s; stopping", batch_id)
+                    moved.status = "lock-lost"
+                    return
+            moved.records += len(chunk)
+            moved.batches += 1
+        moved.status = "budget"
+    finally:
+        if iam_lock.client is not client:
+            iam_lock.client.close()
+
+
+@contextmanager
+def _held(lock: RedisLock) -> Iterator[bool]:
+    # Take ``lock``, waiting up to IAM_LOCK_WAIT_S for its holder; yields whether it was taken
+    # and releases it (if still ours) on the way out.
+    give_up = time.monotonic() + IAM_LOCK_WAIT_S
+    while not (taken := lock.acquire()) and time.monotonic() < give_up:
+        time.sleep(0.05)
+    try:
+        yield taken
+    finally:
+        if taken:
+            lock.release()
+
+
+def _database_zero(client: redis.Redis) -> redis.Redis:
+    # iam's lock client connects without selecting a database: the lock lives in database 0 of
+    # the server that holds the list, whatever database the list is in.
+    pool = client.connection_pool
+    if pool.connection_kwargs.get("db", 0) == 0:
+        return client
+    kwargs = {**pool.connection_kwargs, "db": 0}
+    return redis.Redis(connection_pool=redis.ConnectionPool(pool.connection_class, **kwargs))
 
 
 def _epoch(context: WorkerContext) -> str:

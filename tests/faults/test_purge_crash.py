@@ -37,7 +37,7 @@ def test_purge_killed_loses_nothing_and_delivers_once(
         fault_config(
             tmp_path,
             broker,
-            delivery={"purge-lock-ttl-s": 3, "purge-chunk-size": 500},
+            delivery={"purge-lock-ttl-s": 3, "iam-lock-ttl-s": 3, "purge-chunk-size": 500},
         ),
     )
     expected = push(faults_db, "purge", 3000)

@@ -72,4 +72,5 @@ def test_acl_follows_the_key_names_and_the_broker() -> None:
     assert [rule for rule in rabbit if rule.startswith(("~", "&"))] == [
         "~iam-pump:*",
         "~analytics-iam-system-analytics",
+        "~iam-pump",
     ]
