@@ -50,6 +50,8 @@ def _config(tmp_path: Path, *, redis_port: int | None = None, **meta: object) ->
                 "retry-backoff-max-s": 2,
                 "redelivery-window-s": WINDOW_S,
                 "sweep-interval-s": SWEEP_S,
+                # A purge cut off by a Redis kill leaves iam's lock behind until it expires.
+                "iam-lock-ttl-s": 5,
             },
             **extra,
         ),
