@@ -30,6 +30,7 @@ from redis.retry import Retry
 
 from app.config import Settings
 from app.messages import INGEST_QUEUE, PURGE_QUEUE, pump_queue
+from app.stores.clients import same_server
 from app.stores.dead_letters import DeadLetterStore
 from app.stores.ledger import Ledger
 from app.stores.stats import Counter, PumpCounter, Stats, StatsSnapshot
@@ -152,17 +153,12 @@ def _outcome(future: Future[T], deadline: float) -> T | None:
 def bounded_client(client: redis.Redis) -> redis.Redis:
     """A client for the same server as ``client`` that gives up after :data:`CHECK_TIMEOUT_S`
     and never retries (redis-py retries a timed-out command ten times by default)."""
-    pool = client.connection_pool
-    kwargs = dict(pool.connection_kwargs)
-    kwargs.update(
+    return same_server(
+        client,
+        max_connections=16,
         socket_timeout=CHECK_TIMEOUT_S,
         socket_connect_timeout=CHECK_TIMEOUT_S,
         retry=Retry(NoBackoff(), 0),
-    )
-    return redis.Redis(
-        connection_pool=redis.ConnectionPool(
-            connection_class=pool.connection_class, max_connections=16, **kwargs
-        )
     )
 
 

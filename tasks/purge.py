@@ -43,6 +43,7 @@ from app.celery_app import app
 from app.codec import encode_go_envelope
 from app.config import IAM_LOCK_KEY
 from app.messages import PURGE_TASK
+from app.stores.clients import same_server
 from app.stores.locks import RedisLock
 from app.stores.stats import Counter
 from app.stores.values import as_bytes, as_text
@@ -171,11 +172,9 @@ def _held(lock: RedisLock) -> Iterator[bool]:
 def _database_zero(client: redis.Redis) -> redis.Redis:
     # iam's lock client connects without selecting a database: the lock lives in database 0 of
     # the server that holds the list, whatever database the list is in.
-    pool = client.connection_pool
-    if pool.connection_kwargs.get("db", 0) == 0:
+    if client.connection_pool.connection_kwargs.get("db", 0) == 0:
         return client
-    kwargs = {**pool.connection_kwargs, "db": 0}
-    return redis.Redis(connection_pool=redis.ConnectionPool(pool.connection_class, **kwargs))
+    return same_server(client, db=0)
 
 
 def _epoch(context: WorkerContext) -> str:

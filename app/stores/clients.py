@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis
@@ -40,6 +41,20 @@ def client_for(url: str, settings: Settings) -> redis.Redis:
         socket_connect_timeout=connect_timeout_s,
         socket_timeout=max(connect_timeout_s, DEFAULT_REDIS_SOCKET_TIMEOUT_S),
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
+    )
+
+
+def same_server(
+    client: redis.Redis, *, max_connections: int | None = None, **changes: Any
+) -> redis.Redis:
+    """A new client for the server ``client`` talks to, with some connection settings changed
+    (another database, shorter timeouts, no retries); the caller closes it."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, **changes}
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, max_connections=max_connections, **kwargs
+        )
     )
 
 
