@@ -91,7 +91,11 @@ def test_plain_sigterm_finishes_running_writes_and_requeues_the_rest(
     report(records, config)
     assert wait_until(lambda: requests_in(csv_dir), 30)
     worker.send(signal.SIGTERM)
-    assert worker.popen.wait(30) == 0
+    try:
+        exit_code = worker.popen.wait(45)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker did not exit 45 s after SIGTERM:\n" + worker.output()[-6000:])
+    assert exit_code == 0, worker.output()[-3000:]
     written = len(requests_in(csv_dir))
     assert 0 < written < len(records)
     procs.append(start_worker(config, tmp_path / "w2.log", name="w2", env=env))
