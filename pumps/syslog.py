@@ -36,7 +36,8 @@ record's field order, ``expireAt`` in ISO 8601 (null for never) and our record `
     {"timestamp":1795500000,"username":"alice","effect":"allow","conclusion":"...",
      "request":"...","policies":"...","deciders":"...","expireAt":"2126-...","id":"<batch>-0"}
 
-JSON escapes every control character, so a record never breaks the newline framing.
+JSON escapes every control character, so a record never breaks the newline framing, and every
+character beyond ASCII (``\\u00fc``), so the message is plain ASCII.
 
 Delivery (see the README's table):
 
@@ -164,13 +165,23 @@ def rfc3339_now() -> str:
     return text[:-6] + "Z" if now.utcoffset() == timedelta(0) else text
 
 
-def message_body(record: AnalyticsRecord) -> str:
-    """The record as the JSON object a message carries (iam's names, ``id`` last)."""
+#: One encoder for every message (``json.dumps`` with options builds a new one per call).
+#: ASCII only (other characters as ``\\u`` escapes): faster, and no receiver mangles 8-bit bytes.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def message_body(record: AnalyticsRecord, *, expire_at: str | None = None) -> str:
+    """The record as the JSON object a message carries (iam's names, ``id`` last).
+
+    ``expire_at`` is the ISO 8601 text of the record's expiry when the caller already has it.
+    """
     document: dict[str, object] = dict(zip(_JSON_NAMES, field_values(record), strict=True))
-    expire_at = expiry(record)
-    document["expireAt"] = expire_at.isoformat() if expire_at is not None else None
+    if expire_at is None:
+        expires = expiry(record)
+        expire_at = expires.isoformat() if expires is not None else None
+    document["expireAt"] = expire_at
     document["id"] = record.id
-    return json.dumps(document, ensure_ascii=False, separators=(",", ":"), default=str)
+    return _ENCODE(document)
 
 
 class SyslogPump(Pump[SyslogMeta]):
@@ -198,7 +209,17 @@ class SyslogPump(Pump[SyslogMeta]):
     def messages(self, records: Sequence[AnalyticsRecord]) -> list[bytes]:
         """One newline-terminated message per record, in order."""
         header = self.header()
-        return [f"{header}{message_body(record)}\n".encode() for record in records]
+        # A batch's records mostly share one expiry: format each distinct one once.
+        expiries: dict[object, str | None] = {}
+        messages = []
+        for record in records:
+            key = record.expire_at
+            if key not in expiries:
+                expires = expiry(record)
+                expiries[key] = expires.isoformat() if expires is not None else None
+            body = message_body(record, expire_at=expiries[key])
+            messages.append(f"{header}{body}\n".encode())
+        return messages
 
     # -- the connection ---------------------------------------------------------------------
 

@@ -23,7 +23,8 @@ from tests.support import (
     small_filesystem,
 )
 
-__all__ = ["es_url", "mongo_db", "mongo_uri", "require", "rsyslog"]  # fixtures for every test module
+# Fixtures for every test module.
+__all__ = ["es_url", "mongo_db", "mongo_uri", "require", "rsyslog"]
 
 
 def require(available: bool, what: str) -> None:

@@ -93,9 +93,7 @@ def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     time.tzset()
 
 
-def test_rfc3339_timestamps_as_go_writes_them(
-    monkeypatch: pytest.MonkeyPatch, utc: None
-) -> None:
+def test_rfc3339_timestamps_as_go_writes_them(monkeypatch: pytest.MonkeyPatch, utc: None) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rfc3339_now())
     monkeypatch.setenv("TZ", "Asia/Kolkata")
     time.tzset()
