@@ -1,4 +1,5 @@
-"""Records per second into MongoDB and Elasticsearch: raw client, our pumps, and end to end.
+"""Records per second into MongoDB, Elasticsearch and syslog: raw client, our pumps, and end
+to end.
 
     python bench/bench_stores.py --records 50000
 
@@ -7,7 +8,9 @@ For each store, the same records are written three ways, each into a fresh colle
 * ``raw``: the driver's own bulk call with the documents the pump would write (pymongo
   ``insert_many(ordered=False)``, Elasticsearch ``bulk``), in batches of ``--batch-size``; for
   mongo also the raw ``bulk_write`` of the same ``_id`` upserts the pump sends, and for the
-  aggregates the raw ``$inc`` upserts without the once-per-batch guard;
+  aggregates the raw ``$inc`` upserts without the once-per-batch guard; for syslog (a real
+  ``rsyslogd`` the benchmark starts, TCP) one ``sendall`` per batch of the same messages, already
+  formatted, and the standard library's ``SysLogHandler`` emitting each record;
 * ``pump``: our pump's ``write()`` in this process, one call per batch;
 * ``e2e``: ``Analytics.record_hit`` -> Celery ingest -> write task -> pump, through a real
   ``celery worker`` subprocess, timed from the first record handed to the reporter until the
@@ -50,6 +53,8 @@ from pumps.elasticsearch import record_document as es_document  # noqa: E402
 from pumps.mongo import record_document as mongo_document  # noqa: E402
 from pumps.mongo_aggregate import MongoAggregatePump  # noqa: E402
 from pumps.registry import resolve_pump_class  # noqa: E402
+from pumps.syslog import SyslogPump  # noqa: E402
+from tests.servers_syslog import new_tag, start_rsyslog, stop_rsyslog  # noqa: E402
 from tests.support import Proc, base_config, start_worker, write_config  # noqa: E402
 
 DEFAULT_RECORDS = 50_000
@@ -357,6 +362,132 @@ def bench_elasticsearch(args: argparse.Namespace, records: list[AnalyticsRecord]
     return rows
 
 
+def bench_syslog(args: argparse.Namespace, records: list[AnalyticsRecord]) -> list[Row]:
+    """TCP into a real rsyslogd of the benchmark's own; then the UDP pump, counting losses."""
+    import logging.handlers
+    import socket
+
+    groups = batches(records, args.batch_size)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-syslog-") as folder:
+        server = start_rsyslog(Path(folder))
+        try:
+
+            def lines(tag: str) -> int:
+                path = server.out / f"{tag}.log"
+                return path.read_bytes().count(b"\n") if path.exists() else 0
+
+            def arrived(tag: str, count: int, action: Callable[[], None]) -> Callable[[], None]:
+                def run() -> None:
+                    action()
+                    deadline = time.monotonic() + args.e2e_timeout
+                    while lines(tag) < count and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    if lines(tag) < count:
+                        raise RuntimeError(f"rsyslog wrote {lines(tag)} of {count} for {tag}")
+
+                return run
+
+            def meta(
+                tag: str, transport: str = "tcp", port: int = server.tcp_port
+            ) -> dict[str, Any]:
+                return {
+                    "transport": transport,
+                    "network_addr": f"127.0.0.1:{port}",
+                    "log_level": 134,
+                    "tag": tag,
+                }
+
+            raw_tag = new_tag()
+            formatter = SyslogPump.create("raw", meta(raw_tag), timeout_s=PUMP_TIMEOUT_S)
+            payloads = [b"".join(formatter.messages(group)) for group in groups]
+
+            def raw_sendall() -> None:
+                with socket.create_connection(("127.0.0.1", server.tcp_port)) as sock:
+                    for payload in payloads:
+                        sock.sendall(payload)
+
+            rows.append(
+                timed(
+                    "syslog",
+                    "raw socket sendall per batch",
+                    len(records),
+                    arrived(raw_tag, len(records), raw_sendall),
+                )
+            )
+            handler_tag = new_tag()
+            bodies = [
+                [message.split(b": ", 1)[1] for message in formatter.messages(g)] for g in groups
+            ]
+
+            def stdlib_handler() -> None:
+                handler = logging.handlers.SysLogHandler(
+                    ("127.0.0.1", server.tcp_port), socktype=socket.SOCK_STREAM
+                )
+                handler.append_nul = False
+                handler.ident = f"{handler_tag}: "
+                log = logging.getLogger("bench.syslog")
+                log.propagate = False
+                log.addHandler(handler)
+                try:
+                    for group in bodies:
+                        for body in group:
+                            log.warning("%s", body.decode().rstrip("\n") + "\n")
+                finally:
+                    log.removeHandler(handler)
+                    handler.close()
+
+            rows.append(
+                timed(
+                    "syslog",
+                    "stdlib SysLogHandler per record",
+                    len(records),
+                    arrived(handler_tag, len(records), stdlib_handler),
+                )
+            )
+            pump_tag = new_tag()
+            pump = SyslogPump.create("syslog", meta(pump_tag), timeout_s=PUMP_TIMEOUT_S)
+            pump.open()
+            try:
+                rows.append(
+                    timed(
+                        "syslog",
+                        "pump write() tcp",
+                        len(records),
+                        arrived(pump_tag, len(records), pump_writes(pump, groups)),
+                    )
+                )
+            finally:
+                pump.close()
+            udp_tag = new_tag()
+            udp = SyslogPump.create(
+                "udp", meta(udp_tag, "udp", server.udp_port), timeout_s=PUMP_TIMEOUT_S
+            )
+            udp.open()
+            try:
+                sent = timed(
+                    "syslog", "pump write() udp (sent)", len(records), pump_writes(udp, groups)
+                )
+            finally:
+                udp.close()
+            time.sleep(2)
+            print(
+                f"  syslog udp: {len(records)} sent in {sent.seconds:.2f}s, "
+                f"{len(records) - lines(udp_tag)} lost",
+                file=sys.stderr,
+            )
+            rows.append(sent)
+            if not args.skip_e2e:
+                e2e_tag = new_tag()
+                entry = {"type": "syslog", "timeout": PUMP_TIMEOUT_S, "meta": meta(e2e_tag)}
+                row = end_to_end(args, "syslog", entry, records, lambda: lines(e2e_tag))
+                if row is not None:
+                    rows.append(row)
+        finally:
+            stop_rsyslog(server)
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
     baseline: dict[str, float] = {}
     header = (
@@ -378,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=DEFAULT_RECORDS)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE_RECORDS)
-    parser.add_argument("--stores", default="mongo,mongo-aggregate,elasticsearch")
+    parser.add_argument("--stores", default="mongo,mongo-aggregate,elasticsearch,syslog")
     parser.add_argument(
         "--mongo-uri", default=os.environ.get("MONGO_URI", "mongodb://127.0.0.1:27017")
     )
@@ -396,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mongo": bench_mongo,
         "mongo-aggregate": bench_aggregate,
         "elasticsearch": bench_elasticsearch,
+        "syslog": bench_syslog,
     }
     rows: list[Row] = []
     for store in args.stores.split(","):

@@ -1,6 +1,8 @@
 """A sink that keeps nothing: it counts the records of each batch and logs the count.
 
-For trying out a configuration or the pipeline without a store; iam-pump's ``dummy`` type.
+For trying out a configuration or the pipeline without a store; iam-pump's ``dummy`` type, which
+logs ``Writing N records`` at info level for each batch and keeps nothing. This one logs the same
+line with the pump's name and also keeps the running total in :attr:`DummyPump.received`.
 """
 
 from __future__ import annotations
@@ -37,5 +39,5 @@ class DummyPump(Pump[NoMeta]):
         if records:
             with self._lock:
                 self._received += len(records)
-            logger.info("pump %s: got %d records", self.name, len(records))
+            logger.info("pump %s: writing %d records", self.name, len(records))
         return WriteResult()

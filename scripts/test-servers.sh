@@ -63,10 +63,25 @@ install_one() { # venv dist version
     [ "$have" = "$version" ] || die "$dist: expected $version after install, found '${have:-nothing}'"
 }
 
+# rsyslog for the syslog pump's tests (they start their own rsyslogd on private ports);
+# rsyslog-gnutls adds the gtls driver its TLS listener needs. Debian's postinst does not
+# start the system service where policy-rc.d forbids it, and the tests never use that one.
+install_rsyslog() {
+    if dpkg -s rsyslog rsyslog-gnutls >/dev/null 2>&1; then
+        log "rsyslog and rsyslog-gnutls already installed"
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 || die "rsyslog is missing and there is no apt-get to install it"
+    log "installing rsyslog and rsyslog-gnutls"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsyslog rsyslog-gnutls >/dev/null
+}
+
 cmd_install() {
     mkdir -p "$SERVERS_DIR"
     install_one "$MONGO_VENV" nx-27017 "$NX_VERSION"
     install_one "$ES_VENV" noida-db "$NOIDA_VERSION"
+    install_rsyslog
 }
 
 # --- probes ----------------------------------------------------------------

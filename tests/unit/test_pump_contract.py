@@ -33,6 +33,7 @@ from pumps.registry import BUILTIN_PUMPS, resolve_pump_class
 from pumps.settings import parse_pump_settings
 from pumps.stdout import StdoutPump
 from pumps.testing import PumpContract
+from tests.integration import test_syslog_pump
 from tests.stores import MONGO_URI, es_address, mongo_address, mongo_url_for
 from tests.support import free_port, read_csv_rows
 
@@ -195,6 +196,7 @@ class TestElasticsearchPump(PumpContract):
 def test_every_builtin_pump_runs_the_contract() -> None:
     tested = {TestCsvPump, TestStdoutPump, TestMemoryPump, TestDummyPump, TestMongoPump}
     tested |= {TestMongoAggregatePump, TestElasticsearchPump}
+    tested |= {test_syslog_pump.TestSyslogPump}
     assert {case.pump_type for case in tested} == set(BUILTIN_PUMPS)
 
 
