@@ -78,6 +78,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     print(f"# {settings.source}: valid")
+    print(
+        f"# derived: visibility timeout {settings.visibility_timeout_s:g} s; shutdown grace "
+        f"period {settings.shutdown_grace_period_s:g} s (terminationGracePeriodSeconds, "
+        "TimeoutStopSec)"
+    )
     for key, name in settings.env_overrides.items():
         print(f"# {key}: from {name}")
     for name in unused_env(os.environ, settings.env_overrides, frozenset({CONFIG_ENV_VAR})):
