@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,9 @@ SHARED_CONFIG = DEPLOY / "iam-pump.yaml"
 
 def tool(name: str, package: str) -> str:
     """The path of a command-line tool; skips locally and fails in CI when it is missing."""
-    path = shutil.which(name)
+    # The project's virtual environment first (PyPI tools), then PATH (Debian's).
+    beside_python = Path(sys.executable).parent / name
+    path = str(beside_python) if beside_python.exists() else shutil.which(name)
     require(path is not None, f"{name} (scripts/test-servers.sh install: {package})")
     assert path is not None
     return path
