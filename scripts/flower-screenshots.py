@@ -3,8 +3,9 @@
 
 Starts a Redis server of its own on a free port, three worker groups (``-Q ingest,purge``,
 ``-Q pump.csv`` and ``-Q pump.archive``), Flower, then stops the archive worker, so its queue
-fills while a reporter ships records; then Debian's headless Chromium takes the workers dashboard, the
-Broker tab with the pump queues, and the tasks list. Everything it started is stopped at the end.
+fills while a reporter ships records; then Debian's headless Chromium takes the workers
+dashboard, the Broker tab with the pump queues, and the tasks list. Everything it started is
+stopped at the end.
 
     python scripts/flower-screenshots.py [--out docs]      # or: make flower-screenshots
 """
@@ -41,7 +42,8 @@ def ship(config: Path, tag: str, count: int) -> None:
     analytics.start()
     for index in range(count):
         record = AnalyticsRecord(
-            username=f"user-{index % 5}", effect="allow" if index % 4 else "deny",
+            username=f"user-{index % 5}",
+            effect="allow" if index % 4 else "deny",
             request=f"{tag}-{index}",
         )
         while not analytics.record_hit(record):
@@ -62,30 +64,42 @@ def main() -> int:
         tmp = Path(folder)
         redis_port = free_port()
         redis_server = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no",
-             "--dir", str(tmp)],
+            [
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp),
+            ],
             stdout=subprocess.DEVNULL,
         )
         try:
             config = write_config(
                 tmp / "iam-pump.yaml",
-                base_config(tmp, redis_port=redis_port, db=0) | {
+                base_config(tmp, redis_port=redis_port, db=0)
+                | {
                     "pumps": {
                         "csv": {"type": "csv", "meta": {"csv_dir": str(tmp / "csv")}},
                         "archive": {"type": "csv", "meta": {"csv_dir": str(tmp / "archive")}},
                     },
                 },
             )
-            procs.append(start_worker(config, tmp / "intake.log", queues="ingest,purge",
-                                      name="intake"))
-            procs.append(start_worker(config, tmp / "csv.log", queues="pump.csv",
-                                      name="pump-csv"))
-            archive = start_worker(config, tmp / "archive.log", queues="pump.archive",
-                                   name="pump-archive")
+            procs.append(
+                start_worker(config, tmp / "intake.log", queues="ingest,purge", name="intake")
+            )
+            procs.append(start_worker(config, tmp / "csv.log", queues="pump.csv", name="pump-csv"))
+            archive = start_worker(
+                config, tmp / "archive.log", queues="pump.archive", name="pump-archive"
+            )
             procs.append(archive)
             port = free_port()
-            procs.append(start_flower(config, tmp / "flower.log", port=port,
-                                      credentials=CREDENTIALS))
+            procs.append(
+                start_flower(config, tmp / "flower.log", port=port, credentials=CREDENTIALS)
+            )
             base = f"http://127.0.0.1:{port}"
             if not wait_until(
                 lambda: len(get_json(f"{base}/api/workers?refresh=1", CREDENTIALS) or {}) == 3,
@@ -102,8 +116,11 @@ def main() -> int:
                 time.sleep(0.5)
             driver = browser(CREDENTIALS, width=1400, height=800)
             try:
-                for page, name in (("workers", "dashboard"), ("broker", "broker"),
-                                   ("tasks", "tasks")):
+                for page, name in (
+                    ("workers", "dashboard"),
+                    ("broker", "broker"),
+                    ("tasks", "tasks"),
+                ):
                     driver.get(f"{base}/{page}")
                     time.sleep(3)  # the tables fill in from the page's own API calls
                     target = args.out / f"flower-{name}.png"

@@ -15,7 +15,7 @@ import yaml
 
 from app.config import parse_settings
 from tests.conftest import require
-from tests.deploy.support import DEPLOY, SHARED_CONFIG, run
+from tests.deploy.support import DEPLOY, SHARED_CONFIG
 from tests.support import REPO
 
 COMPOSE_FILE = DEPLOY / "compose" / "compose.yaml"

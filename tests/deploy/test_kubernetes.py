@@ -85,9 +85,7 @@ def test_worker_probes_and_grace_period(name: str) -> None:
     spec = deployment["spec"]["template"]["spec"]
     # The formula, written once in Settings.shutdown_grace_period_s: the soft shutdown capped by
     # the slowest task's hard time limit, plus the time to requeue the rest and exit.
-    expected = (
-        min(settings.delivery.soft_shutdown_timeout_s, settings.longest_task_s) + 20
-    )
+    expected = min(settings.delivery.soft_shutdown_timeout_s, settings.longest_task_s) + 20
     assert spec["terminationGracePeriodSeconds"] == expected == settings.shutdown_grace_period_s
     worker = container(deployment)
     args = worker["args"]
@@ -103,11 +101,7 @@ def test_worker_probes_and_grace_period(name: str) -> None:
 
 
 def test_exactly_one_beat_replaced_by_recreate() -> None:
-    beats = [
-        doc
-        for doc in named("Deployment").values()
-        if "beat" in container(doc)["args"]
-    ]
+    beats = [doc for doc in named("Deployment").values() if "beat" in container(doc)["args"]]
     assert len(beats) == 1
     assert beats[0]["spec"]["replicas"] == 1
     assert beats[0]["spec"]["strategy"] == {"type": "Recreate"}

@@ -42,7 +42,9 @@ class Fleet:
 def fleet(tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]) -> Iterator[Fleet]:
     """Two worker groups as the README's "Deploying" section runs them, and Flower."""
     config = write_config(tmp_path / "c.yaml", base_config(tmp_path))
-    procs.append(start_worker(config, tmp_path / "intake.log", queues="ingest,purge", name="intake"))
+    procs.append(
+        start_worker(config, tmp_path / "intake.log", queues="ingest,purge", name="intake")
+    )
     procs.append(start_worker(config, tmp_path / "csv.log", queues="pump.csv", name="pumpcsv"))
     port = free_port()
     procs.append(start_flower(config, tmp_path / "flower.log", port=port, credentials=CREDENTIALS))
