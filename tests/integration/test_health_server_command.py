@@ -31,6 +31,7 @@ def test_health_server_serves_health_and_the_fleet_metrics_then_stops_on_sigterm
     )
     procs.append(server)
     base = f"http://{config_values['health-check-address']}"
+
     def healthy() -> bool:
         try:
             return get(f"{base}/healthz")[0] == 200
