@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo run test lint servers servers-stop bench soak fuzz
+.PHONY: install demo run test lint servers servers-stop bench soak fuzz flower-screenshots
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,3 +56,8 @@ SOAK_LOOPS ?= 20
 soak: install
 	IAM_PUMP_SOAK_LOOPS=$(SOAK_LOOPS) $(BIN)/python -m pytest -s \
 		tests/faults/test_lost_messages.py -k sigkilled
+
+# The README's pictures of Flower (docs/flower-*.png): a Redis, workers and Flower of its own,
+# photographed by Debian's headless Chromium (scripts/test-servers.sh install brings it).
+flower-screenshots: install
+	$(BIN)/python scripts/flower-screenshots.py --out docs

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     print(f"# {settings.source}: valid")
+    print(
+        f"# derived: visibility timeout {settings.visibility_timeout_s:g} s; shutdown grace "
+        f"period {settings.shutdown_grace_period_s:g} s (terminationGracePeriodSeconds, "
+        "TimeoutStopSec)"
+    )
     for key, name in settings.env_overrides.items():
         print(f"# {key}: from {name}")
     for name in unused_env(os.environ, settings.env_overrides, frozenset({CONFIG_ENV_VAR})):
@@ -113,6 +119,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         code = worker.wait()
         health.stop()
         return code if code >= 0 else EXIT_FAILED
+
+
+def cmd_health_server(args: argparse.Namespace) -> int:
+    """The health and metrics endpoint alone, for a deployment whose workers and beat run as
+    their own services: the metrics come from Redis, so one such process shows the whole fleet."""
+    from app.health import HealthServer
+
+    settings = _settings(args)
+    health = HealthServer(settings, redis_client(settings))
+    health.start()
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    stopping.wait()
+    health.stop()
+    return EXIT_OK
 
 
 def _worker_command(args: argparse.Namespace, settings: Settings, state_dir: str) -> list[str]:
@@ -254,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     _add_run(commands, common)
+
+    health = commands.add_parser(
+        "health-server",
+        parents=[common],
+        help="only the health and metrics endpoint (health-check-address), for the whole fleet",
+    )
+    health.set_defaults(func=cmd_health_server)
 
     check = commands.add_parser(
         "check-config", parents=[common], help="validate the config and print it (secrets masked)"

@@ -79,6 +79,9 @@ DEFAULT_IAM_LOCK_TTL_S = 600.0
 #: On SIGTERM, how long running tasks may go on before the unfinished ones are requeued; keep it
 #: below your orchestrator's grace period (Kubernetes: 30 s).
 DEFAULT_SOFT_SHUTDOWN_TIMEOUT_S = 10.0
+#: What a stopping worker needs after its soft shutdown: requeue the unfinished tasks (each broker
+#: command waits at most celeryconfig's 15 s socket timeout) and exit (5 s).
+SHUTDOWN_REQUEUE_MARGIN_S = 20.0
 #: A claim on kept bytes with no progress for this long has its task sent again (the ledger
 #: sweep, Redis broker), and how often the sweep looks.
 DEFAULT_REDELIVERY_WINDOW_S = 120.0
@@ -283,11 +286,28 @@ class Settings(_Model):
         """
         if self.delivery.visibility_timeout_s is not None:
             return self.delivery.visibility_timeout_s
-        longest_task_s = max(
+        return self.longest_task_s + self.delivery.retry_backoff_max_s + VISIBILITY_MARGIN_S
+
+    @property
+    def longest_task_s(self) -> float:
+        """The slowest pump's hard time limit (a pump's default when none is configured)."""
+        return max(
             [entry.hard_time_limit_s for entry in self.pumps.values()]
             + [DEFAULT_PUMP_TIMEOUT_S + HARD_LIMIT_GRACE_S]
         )
-        return longest_task_s + self.delivery.retry_backoff_max_s + VISIBILITY_MARGIN_S
+
+    @property
+    def shutdown_grace_period_s(self) -> float:
+        """How long an orchestrator should wait after SIGTERM before it kills a worker
+        (Kubernetes ``terminationGracePeriodSeconds``, systemd ``TimeoutStopSec``).
+
+        The soft shutdown lets running tasks go on for ``delivery.soft-shutdown-timeout-s``, but
+        no task outlives the slowest pump's hard time limit, so the wait is the smaller of the
+        two; then the worker requeues what is unfinished and exits
+        (:data:`SHUTDOWN_REQUEUE_MARGIN_S`). 30 s with the defaults: min(10, 35) + 20.
+        """
+        soft_shutdown_s = min(self.delivery.soft_shutdown_timeout_s, self.longest_task_s)
+        return soft_shutdown_s + SHUTDOWN_REQUEUE_MARGIN_S
 
     def dead_letter_fields(self, group: str) -> dict[str, Treatment]:
         """How the dead letters of ``group`` treat ``request`` and ``policies``: the pump's

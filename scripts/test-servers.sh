@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stand-in MongoDB and Elasticsearch servers for the integration tests.
 #
-#   scripts/test-servers.sh install   # one venv per stand-in, pinned versions
+#   scripts/test-servers.sh install   # one venv per stand-in, pinned versions; Debian's
+#                                     # systemd, docker-compose, prometheus (promtool), chromium
 #   scripts/test-servers.sh start     # start both in the background, wait until they answer
 #   scripts/test-servers.sh stop      # stop both (by pid file, with their children)
 #   scripts/test-servers.sh status    # say which one answers
@@ -63,6 +64,36 @@ install_one() { # venv dist version
     [ "$have" = "$version" ] || die "$dist: expected $version after install, found '${have:-nothing}'"
 }
 
+APT_UPDATED=""
+
+apt_update() { # once per run
+    if [ -z "$APT_UPDATED" ]; then
+        apt-get update -qq
+        APT_UPDATED=1
+    fi
+}
+
+# Debian packages whose commands are missing (apt-get update once per run).
+apt_install() { # command package [command package ...]
+    local missing=()
+    while [ "$#" -ge 2 ]; do
+        command -v "$1" >/dev/null 2>&1 || missing+=("$2")
+        shift 2
+    done
+    ((${#missing[@]})) || return 0
+    command -v apt-get >/dev/null 2>&1 || die "no apt-get to install: ${missing[*]}"
+    apt_update
+    log "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# The checkers of deploy/ (systemd-analyze, docker-compose, promtool) and the headless browser
+# of the Flower page test (chromium with its driver).
+install_deploy_tools() {
+    apt_install systemd-analyze systemd docker-compose docker-compose promtool prometheus \
+        chromium chromium chromedriver chromium-driver
+}
+
 # rsyslog for the syslog pump's tests (they start their own rsyslogd on private ports);
 # rsyslog-gnutls adds the gtls driver its TLS listener needs. Debian's postinst does not
 # start the system service where policy-rc.d forbids it, and the tests never use that one.
@@ -73,7 +104,7 @@ install_rsyslog() {
     fi
     command -v apt-get >/dev/null 2>&1 || die "rsyslog is missing and there is no apt-get to install it"
     log "installing rsyslog and rsyslog-gnutls"
-    apt-get update -qq
+    apt_update
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsyslog rsyslog-gnutls >/dev/null
 }
 
@@ -82,6 +113,7 @@ cmd_install() {
     install_one "$MONGO_VENV" nx-27017 "$NX_VERSION"
     install_one "$ES_VENV" noida-db "$NOIDA_VERSION"
     install_rsyslog
+    install_deploy_tools
 }
 
 # --- probes ----------------------------------------------------------------

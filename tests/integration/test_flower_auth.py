@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import redis
 
+from tests.flower import get, start_flower
 from tests.support import (
-    REPO,
     Proc,
     base_config,
-    celery_env,
     free_port,
     start_worker,
     wait_until,
@@ -27,19 +22,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 USER, PASSWORD = "pump-ops", "correct-horse-7"
 
 
-def get(url: str, credentials: str | None = None) -> tuple[int, str]:
-    """Status and body of a GET, with HTTP basic credentials ``user:password`` if given."""
-    request = urllib.request.Request(url)
-    if credentials is not None:
-        token = base64.b64encode(credentials.encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode("utf-8", "replace")
-
-
 def test_flower_with_basic_auth_refuses_strangers_and_lists_the_worker(
     tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
 ) -> None:
@@ -47,24 +29,10 @@ def test_flower_with_basic_auth_refuses_strangers_and_lists_the_worker(
     procs.append(start_worker(config, tmp_path / "w.log", concurrency=1, name="flowerseen"))
     port = free_port()
     # The password in the environment, not on the command line, where `ps` shows it to everyone.
-    env = celery_env(config, FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
-    flower = Proc(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "app",
-            "flower",
-            "--address=127.0.0.1",
-            f"--port={port}",
-        ],
-        env=env,
-        log=tmp_path / "flower.log",
-        cwd=REPO,
+    flower = start_flower(
+        config, tmp_path / "flower.log", port=port, credentials=f"{USER}:{PASSWORD}"
     )
     procs.append(flower)
-    flower.wait_for_output("Visit me at", timeout_s=60)
     base = f"http://127.0.0.1:{port}"
 
     assert get(f"{base}/")[0] == 401

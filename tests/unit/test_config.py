@@ -161,6 +161,18 @@ def test_visibility_timeout_exceeds_the_longest_task_and_countdown() -> None:
     assert settings.visibility_timeout_s > 50 + 20
 
 
+def test_shutdown_grace_period_covers_the_soft_shutdown_capped_by_the_slowest_task() -> None:
+    # Defaults: soft shutdown 10 s (shorter than a write's 35 s hard limit), + 20 s to requeue.
+    assert parse_settings("{}").shutdown_grace_period_s == 30
+    slow_shutdown = parse_settings("delivery: {soft-shutdown-timeout-s: 300}")
+    assert slow_shutdown.shutdown_grace_period_s == 35 + 20  # no task outlives its hard limit
+    slow_pump = parse_pump_settings(
+        "delivery: {soft-shutdown-timeout-s: 60}\n"
+        "pumps: {slow: {type: csv, timeout: 50, meta: {csv_dir: x}}}\n"
+    )
+    assert slow_pump.shutdown_grace_period_s == 55 + 20
+
+
 def test_check_config_command_exits_2_and_names_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("pumps:\n  csv:\n    type: csv\n    meta: {}\n")
