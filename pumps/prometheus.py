@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -84,6 +84,9 @@ DENIED_CODE = "1"
 #: The username label of the records whose username came after ``max_usernames`` others.
 OTHER_USERNAME = "__other__"
 DEFAULT_PATH = "/metrics"
+#: The text format every Prometheus 2.x reads (newer prometheus-client versions announce 1.0.0,
+#: whose only change, escaped UTF-8 names, our names never need).
+EXPOSITION_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_MAX_USERNAMES = 10_000
 DEFAULT_APPLIED_BATCH_TTL_S = 7 * 24 * 3600
 DEFAULT_BIND_RETRY_INTERVAL_S = 5.0
@@ -347,7 +350,7 @@ class MetricsEndpoint:
                     logger.warning("pump %s: scrape: Redis did not answer: %s", label, exc)
                     self._reply(503, f"Redis: {exc}\n".encode(), "text/plain; charset=utf-8")
                     return
-                self._reply(200, body, CONTENT_TYPE_LATEST)
+                self._reply(200, body, EXPOSITION_CONTENT_TYPE)
 
             def _reply(self, status: int, body: bytes, content_type: str) -> None:
                 self.send_response(status)
