@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stand-in MongoDB and Elasticsearch servers for the integration tests.
 #
-#   scripts/test-servers.sh install   # one venv per stand-in, pinned versions
+#   scripts/test-servers.sh install   # one venv per stand-in, pinned versions; Debian's prometheus
 #   scripts/test-servers.sh start     # start both in the background, wait until they answer
 #   scripts/test-servers.sh stop      # stop both (by pid file, with their children)
 #   scripts/test-servers.sh status    # say which one answers
@@ -63,10 +63,33 @@ install_one() { # venv dist version
     [ "$have" = "$version" ] || die "$dist: expected $version after install, found '${have:-nothing}'"
 }
 
+# Debian packages of real servers the tests start themselves (on private ports, by PID).
+APT_UPDATED=
+install_apt() { # command package
+    if command -v "$1" >/dev/null 2>&1; then
+        log "$2 already installed ($(command -v "$1"))"
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 || die "$2 is missing and there is no apt-get to install it"
+    if [ -z "$APT_UPDATED" ]; then
+        apt-get update -qq
+        APT_UPDATED=1
+    fi
+    log "installing the Debian package $2"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2"
+    command -v "$1" >/dev/null 2>&1 || die "$2: no $1 after install"
+}
+
+# Prometheus (2.42 on Debian 12) for the prometheus pump's tests; they start their own.
+install_prometheus() {
+    install_apt prometheus prometheus
+}
+
 cmd_install() {
     mkdir -p "$SERVERS_DIR"
     install_one "$MONGO_VENV" nx-27017 "$NX_VERSION"
     install_one "$ES_VENV" noida-db "$NOIDA_VERSION"
+    install_prometheus
 }
 
 # --- probes ----------------------------------------------------------------
