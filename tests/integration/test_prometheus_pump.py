@@ -283,4 +283,6 @@ def test_end_to_end_with_a_worker_killed_mid_run(
     )
     time.sleep(3)  # anything counted twice would show now
     assert_scraped(prometheus_server, tag, expected)
+    again = replacement.output().count("was counted already")
+    print(f"{again} batch(es) written again and not counted again")
     assert not redis_db.keys("*dead-letters*")

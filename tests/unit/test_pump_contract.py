@@ -288,9 +288,12 @@ def test_iam_style_meta_loads() -> None:
                     "type": "mongo-aggregate",
                     "meta": {"mongo_url": "mongodb://db/x", "aggregation_time": 60},
                 },
+                "prometheus": {"meta": {"listen_address": ":9090", "path": ""}},
             }
         )
     )
+    prometheus_meta = PrometheusPump.Meta.model_validate(settings.pumps["prometheus"].meta)
+    assert (prometheus_meta.listen_address, prometheus_meta.path) == (":9090", "/metrics")
     mongo_meta = MongoPump.Meta.model_validate(settings.pumps["mongo"].meta)
     assert mongo_meta.max_document_size_bytes == 10 * 1024 * 1024  # iam: 0 means 10 MiB
     es_pump = ElasticsearchPump.create("es", settings.pumps["es"].meta, timeout_s=5)
@@ -332,6 +335,20 @@ def test_iam_style_meta_loads() -> None:
             "pumps.p.meta.elasticsearch_url",
         ),
         ({"type": "elasticsearch", "meta": {"auth_basic_username": "u"}}, "pumps.p.meta"),
+        ({"type": "prometheus", "meta": {"path": "/m"}}, "pumps.p.meta.listen_address"),
+        ({"type": "prometheus", "meta": {"listen_address": ""}}, "pumps.p.meta.listen_address"),
+        (
+            {"type": "prometheus", "meta": {"listen_address": "localhost"}},
+            "pumps.p.meta.listen_address",
+        ),
+        (
+            {"type": "prometheus", "meta": {"listen_address": ":9090", "path": "metrics"}},
+            "pumps.p.meta.path",
+        ),
+        (
+            {"type": "prometheus", "meta": {"listen_address": ":9090", "max_usernames": 0}},
+            "pumps.p.meta.max_usernames",
+        ),
     ],
 )
 def test_bad_meta_is_named_at_start_up(pump: dict[str, Any], path: str) -> None:
