@@ -6,8 +6,10 @@ end to end through real Celery workers with one SIGKILLed mid-run.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
@@ -32,6 +34,7 @@ from tests.support import (
     Proc,
     base_config,
     celery_env,
+    free_port,
     start_worker,
     wait_until,
     write_config,
@@ -68,7 +71,8 @@ def by_label(records: list[AnalyticsRecord]) -> dict[tuple[str, str], float]:
 
 
 def scraped(prometheus: PrometheusServer, tag: str) -> dict[tuple[str, str], float]:
-    return prometheus.values(f'{METRIC}{{username=~"{tag}-.*"}}', "code", "username")
+    # (?s): a username may hold a newline, which "." matches only with that flag.
+    return prometheus.values(f'{METRIC}{{username=~"(?s){tag}-.*"}}', "code", "username")
 
 
 def assert_scraped(
@@ -141,6 +145,36 @@ def test_scraped_counts_equal_what_was_sent(
     assert f"# HELP {METRIC} authorization effect per user" in text
     assert f"# TYPE {METRIC} counter" in text
     pump.check()
+
+
+def test_usernames_that_need_escaping_reach_prometheus_as_they_are(
+    prometheus_server: PrometheusServer, make_pump: Any
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    records = [
+        dataclasses.replace(record, username=f"{tag}-{name}")
+        for record, name in zip(
+            make_records(tag, 4), ['quote"d', "back\\slash", "new\nline", "zoë"], strict=True
+        )
+    ]
+    make_pump().write(records, deadline=soon())
+    assert_scraped(prometheus_server, tag, by_label(records))
+
+
+def test_a_scrape_while_redis_is_away_fails_rather_than_showing_wrong_counts(
+    make_pump: Any,
+) -> None:
+    pump = make_pump(
+        listen_address=f"127.0.0.1:{free_port()}", redis_url=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(f"http://{pump.meta.listen_address}/metrics", timeout=10)
+    caught.value.close()
+    assert caught.value.code == 503
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(f"http://{pump.meta.listen_address}/other", timeout=10)
+    caught.value.close()
+    assert caught.value.code == 404
 
 
 def test_redelivered_batch_and_restart_change_nothing(
