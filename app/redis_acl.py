@@ -39,7 +39,10 @@ COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "hscan",
         ),
     ),
-    ("sets: dead-letter groups, kombu's bindings", ("sadd", "srem", "smembers")),
+    (
+        "sets: dead-letter groups, kombu's bindings, the prometheus pump's usernames",
+        ("sadd", "srem", "smembers", "sismember", "scard"),
+    ),
     (
         "sorted sets: kombu's unacked index and bindings, the ledger",
         ("zadd", "zrem", "zcard", "zrange", "zrangebyscore", "zscore"),

@@ -1,5 +1,5 @@
-"""Records per second into MongoDB, Elasticsearch and syslog: raw client, our pumps, and end
-to end.
+"""Records per second into MongoDB, Elasticsearch, syslog and Prometheus counters: raw client,
+our pumps, and end to end.
 
     python bench/bench_stores.py --records 50000
 
@@ -10,7 +10,10 @@ For each store, the same records are written three ways, each into a fresh colle
   mongo also the raw ``bulk_write`` of the same ``_id`` upserts the pump sends, and for the
   aggregates the raw ``$inc`` upserts without the once-per-batch guard; for syslog (a real
   ``rsyslogd`` the benchmark starts, TCP) one ``sendall`` per batch of the same messages, already
-  formatted, and the standard library's ``SysLogHandler`` emitting each record;
+  formatted, and the standard library's ``SysLogHandler`` emitting each record; for prometheus
+  prometheus-client's own ``Counter.labels(...).inc()`` per record in this process (iam's way,
+  counts in one process's memory) and the raw Redis ``HINCRBY`` pipeline of the same per-batch
+  counts without the once-per-batch guard;
 * ``pump``: our pump's ``write()`` in this process, one call per batch;
 * ``e2e``: ``Analytics.record_hit`` -> Celery ingest -> write task -> pump, through a real
   ``celery worker`` subprocess, timed from the first record handed to the reporter until the
@@ -52,10 +55,11 @@ from pumps.deadline import Deadline  # noqa: E402
 from pumps.elasticsearch import record_document as es_document  # noqa: E402
 from pumps.mongo import record_document as mongo_document  # noqa: E402
 from pumps.mongo_aggregate import MongoAggregatePump  # noqa: E402
+from pumps.prometheus import CounterKeys, read_counts, status_code  # noqa: E402
 from pumps.registry import resolve_pump_class  # noqa: E402
 from pumps.syslog import SyslogPump  # noqa: E402
 from tests.servers_syslog import new_tag, start_rsyslog, stop_rsyslog  # noqa: E402
-from tests.support import Proc, base_config, start_worker, write_config  # noqa: E402
+from tests.support import Proc, base_config, free_port, start_worker, write_config  # noqa: E402
 
 DEFAULT_RECORDS = 50_000
 DEFAULT_BATCH_SIZE_RECORDS = 1000
@@ -485,6 +489,73 @@ def bench_syslog(args: argparse.Namespace, records: list[AnalyticsRecord]) -> li
                     rows.append(row)
         finally:
             stop_rsyslog(server)
+
+
+def bench_prometheus(args: argparse.Namespace, records: list[AnalyticsRecord]) -> list[Row]:
+    from collections import Counter
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client import Counter as PrometheusCounter
+
+    groups = batches(records, args.batch_size)
+    client = redis.Redis(host=args.redis_host, port=args.redis_port, db=args.redis_db)
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    rows = []
+    try:
+        counter = PrometheusCounter(
+            "iam_user_authorization_status",
+            "authorization effect per user",
+            ["code", "username"],
+            registry=CollectorRegistry(),
+        )
+
+        def raw_counter() -> None:
+            for record in records:
+                counter.labels(status_code(record), record.username).inc()
+
+        def raw_hincrby() -> None:
+            for group in groups:
+                counted = Counter(f"{status_code(r)}:{r.username}" for r in group)
+                with client.pipeline(transaction=False) as pipe:
+                    for name, count in counted.items():
+                        pipe.hincrby(f"{prefix}:raw", name, count)
+                    pipe.execute()
+
+        rows.append(timed("prometheus", "raw Counter.inc (in-process)", len(records), raw_counter))
+        rows.append(timed("prometheus", "raw redis HINCRBY (no guard)", len(records), raw_hincrby))
+        redis_url = f"redis://{args.redis_host}:{args.redis_port}/{args.redis_db}"
+        meta = {
+            "listen_address": f"127.0.0.1:{free_port()}",
+            "redis_url": redis_url,
+            "key_prefix": prefix,
+        }
+        pump = resolve_pump_class("prometheus").create("prometheus", meta, timeout_s=PUMP_TIMEOUT_S)
+        pump.open()
+        try:
+            rows.append(
+                timed("prometheus", "pump write()", len(records), pump_writes(pump, groups))
+            )
+        finally:
+            pump.close()
+        if not args.skip_e2e:
+            # No redis_url: the counts go to the worker's redis: server (the benchmark's database).
+            entry = {
+                "type": "prometheus",
+                "timeout": PUMP_TIMEOUT_S,
+                "meta": {"listen_address": f"127.0.0.1:{free_port()}"},
+            }
+            keys = CounterKeys.for_pump("iam-pump", "prometheus")
+
+            def counted() -> int:
+                return sum(read_counts(client, keys).by_label.values())
+
+            row = end_to_end(args, "prometheus", entry, records, counted)
+            if row is not None:
+                rows.append(row)
+    finally:
+        for key in client.scan_iter(f"{prefix}:*"):
+            client.delete(key)
+        client.close()
     return rows
 
 
@@ -509,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=DEFAULT_RECORDS)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE_RECORDS)
-    parser.add_argument("--stores", default="mongo,mongo-aggregate,elasticsearch,syslog")
+    parser.add_argument("--stores", default="mongo,mongo-aggregate,elasticsearch,syslog,prometheus")
     parser.add_argument(
         "--mongo-uri", default=os.environ.get("MONGO_URI", "mongodb://127.0.0.1:27017")
     )
@@ -528,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mongo-aggregate": bench_aggregate,
         "elasticsearch": bench_elasticsearch,
         "syslog": bench_syslog,
+        "prometheus": bench_prometheus,
     }
     rows: list[Row] = []
     for store in args.stores.split(","):

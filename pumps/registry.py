@@ -32,6 +32,7 @@ BUILTIN_PUMPS: dict[str, str] = {
     "mongo-aggregate": "pumps.mongo_aggregate:MongoAggregatePump",
     "elasticsearch": "pumps.elasticsearch:ElasticsearchPump",
     "syslog": "pumps.syslog:SyslogPump",
+    "prometheus": "pumps.prometheus:PrometheusPump",
 }
 
 

@@ -2,7 +2,8 @@
 # Stand-in MongoDB and Elasticsearch servers for the integration tests.
 #
 #   scripts/test-servers.sh install   # one venv per stand-in, pinned versions; Debian's
-#                                     # systemd, docker-compose, prometheus (promtool), chromium
+#                                     # systemd, docker-compose, prometheus (promtool and the prometheus
+#                                     # pump's tests), chromium, rsyslog
 #   scripts/test-servers.sh start     # start both in the background, wait until they answer
 #   scripts/test-servers.sh stop      # stop both (by pid file, with their children)
 #   scripts/test-servers.sh status    # say which one answers

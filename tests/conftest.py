@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.servers_prometheus import prometheus_server
 from tests.servers_syslog import rsyslog
 from tests.stores import es_url, mongo_db, mongo_uri
 from tests.support import (
@@ -24,7 +25,14 @@ from tests.support import (
 )
 
 # Fixtures for every test module.
-__all__ = ["es_url", "mongo_db", "mongo_uri", "require", "rsyslog"]
+__all__ = [
+    "es_url",
+    "mongo_db",
+    "mongo_uri",
+    "prometheus_server",
+    "require",
+    "rsyslog",
+]
 
 
 def require(available: bool, what: str) -> None:

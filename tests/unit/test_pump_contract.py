@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from elasticsearch import Elasticsearch
 from pymongo.database import Database
 
@@ -29,13 +32,14 @@ from pumps.elasticsearch import ElasticsearchPump
 from pumps.memory import MemoryPump
 from pumps.mongo import MongoPump
 from pumps.mongo_aggregate import MongoAggregatePump
+from pumps.prometheus import CounterKeys, PrometheusPump, read_counts
 from pumps.registry import BUILTIN_PUMPS, resolve_pump_class
 from pumps.settings import parse_pump_settings
 from pumps.stdout import StdoutPump
 from pumps.testing import PumpContract
 from tests.integration import test_syslog_pump
 from tests.stores import MONGO_URI, es_address, mongo_address, mongo_url_for
-from tests.support import free_port, read_csv_rows
+from tests.support import REDIS_HOST, REDIS_PORT, TEST_REDIS_DB, free_port, read_csv_rows
 
 
 class TestCsvPump(PumpContract):
@@ -193,16 +197,60 @@ class TestElasticsearchPump(PumpContract):
         return es_address(self.url)
 
 
+@pytest.mark.integration
+class TestPrometheusPump(PumpContract):
+    """The counts live in Redis (the tests' server): a record counts under its (unique)
+    username, whatever its code. The network cases cut the pump's Redis."""
+
+    pump_class = PrometheusPump
+    pump_type = "prometheus"
+    connects = True
+
+    @pytest.fixture(autouse=True)
+    def _prefix(self, redis_db: redis.Redis) -> Iterator[None]:
+        self.redis = redis_db
+        self.key_prefix = f"contract-{uuid.uuid4().hex[:12]}"
+        yield
+        for key in redis_db.scan_iter(f"{self.key_prefix}:*"):
+            redis_db.delete(key)
+
+    def meta_at(self, tmp_path: Path, port: int) -> dict[str, Any]:
+        return {
+            "listen_address": f"127.0.0.1:{free_port()}",
+            "redis_url": f"redis://{REDIS_HOST}:{port}/{TEST_REDIS_DB}",
+            "key_prefix": self.key_prefix,
+        }
+
+    def meta(self, tmp_path: Path) -> dict[str, Any]:
+        return self.meta_at(tmp_path, REDIS_PORT)
+
+    def record_key(self, record: AnalyticsRecord) -> str:
+        return record.username
+
+    def stored_ids(self, pump: Pump) -> Counter[str]:
+        keys = CounterKeys.for_pump(self.key_prefix, pump.name)
+        counts: Counter[str] = Counter()
+        for (_code, username), value in read_counts(self.redis, keys).by_label.items():
+            counts[username] += value
+        return counts
+
+    def unreachable_meta(self, tmp_path: Path) -> dict[str, Any]:
+        return self.meta_at(tmp_path, free_port())
+
+    def server_address(self) -> tuple[str, int]:
+        return REDIS_HOST, REDIS_PORT
+
+
 def test_every_builtin_pump_runs_the_contract() -> None:
     tested = {TestCsvPump, TestStdoutPump, TestMemoryPump, TestDummyPump, TestMongoPump}
-    tested |= {TestMongoAggregatePump, TestElasticsearchPump}
+    tested |= {TestMongoAggregatePump, TestElasticsearchPump, TestPrometheusPump}
     tested |= {test_syslog_pump.TestSyslogPump}
     assert {case.pump_type for case in tested} == set(BUILTIN_PUMPS)
 
 
 def test_the_sinks_that_store_once_are_those_that_upsert() -> None:
     upserting = {name for name in BUILTIN_PUMPS if resolve_pump_class(name).upserts}
-    assert upserting == {"memory", "mongo", "mongo-aggregate", "elasticsearch"}
+    assert upserting == {"memory", "mongo", "mongo-aggregate", "elasticsearch", "prometheus"}
 
 
 def _config(pumps: dict[str, Any]) -> str:
@@ -242,9 +290,12 @@ def test_iam_style_meta_loads() -> None:
                     "type": "mongo-aggregate",
                     "meta": {"mongo_url": "mongodb://db/x", "aggregation_time": 60},
                 },
+                "prometheus": {"meta": {"listen_address": ":9090", "path": ""}},
             }
         )
     )
+    prometheus_meta = PrometheusPump.Meta.model_validate(settings.pumps["prometheus"].meta)
+    assert (prometheus_meta.listen_address, prometheus_meta.path) == (":9090", "/metrics")
     mongo_meta = MongoPump.Meta.model_validate(settings.pumps["mongo"].meta)
     assert mongo_meta.max_document_size_bytes == 10 * 1024 * 1024  # iam: 0 means 10 MiB
     es_pump = ElasticsearchPump.create("es", settings.pumps["es"].meta, timeout_s=5)
@@ -286,6 +337,20 @@ def test_iam_style_meta_loads() -> None:
             "pumps.p.meta.elasticsearch_url",
         ),
         ({"type": "elasticsearch", "meta": {"auth_basic_username": "u"}}, "pumps.p.meta"),
+        ({"type": "prometheus", "meta": {"path": "/m"}}, "pumps.p.meta.listen_address"),
+        ({"type": "prometheus", "meta": {"listen_address": ""}}, "pumps.p.meta.listen_address"),
+        (
+            {"type": "prometheus", "meta": {"listen_address": "localhost"}},
+            "pumps.p.meta.listen_address",
+        ),
+        (
+            {"type": "prometheus", "meta": {"listen_address": ":9090", "path": "metrics"}},
+            "pumps.p.meta.path",
+        ),
+        (
+            {"type": "prometheus", "meta": {"listen_address": ":9090", "max_usernames": 0}},
+            "pumps.p.meta.max_usernames",
+        ),
     ],
 )
 def test_bad_meta_is_named_at_start_up(pump: dict[str, Any], path: str) -> None:
