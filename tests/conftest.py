@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.servers_influx import influx_database, influx_server
 from tests.stores import es_url, mongo_db, mongo_uri
 from tests.support import (
     IN_CI,
@@ -22,7 +23,7 @@ from tests.support import (
     small_filesystem,
 )
 
-__all__ = ["es_url", "mongo_db", "mongo_uri", "require"]  # fixtures for every test module
+__all__ = ["es_url", "influx_database", "influx_server", "mongo_db", "mongo_uri", "require"]  # fixtures for every test module
 
 
 def require(available: bool, what: str) -> None:

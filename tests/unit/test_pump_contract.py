@@ -26,6 +26,7 @@ from pumps.base import Pump
 from pumps.csv import CSVPump
 from pumps.dummy import DummyPump
 from pumps.elasticsearch import ElasticsearchPump
+from pumps.influx import InfluxPump
 from pumps.memory import MemoryPump
 from pumps.mongo import MongoPump
 from pumps.mongo_aggregate import MongoAggregatePump
@@ -33,6 +34,8 @@ from pumps.registry import BUILTIN_PUMPS, resolve_pump_class
 from pumps.settings import parse_pump_settings
 from pumps.stdout import StdoutPump
 from pumps.testing import PumpContract
+from tests.servers_influx import InfluxServer
+from tests.servers_influx import stored_ids as influx_stored_ids
 from tests.stores import MONGO_URI, es_address, mongo_address, mongo_url_for
 from tests.support import free_port, read_csv_rows
 
@@ -192,15 +195,45 @@ class TestElasticsearchPump(PumpContract):
         return es_address(self.url)
 
 
+@pytest.mark.integration
+class TestInfluxPump(PumpContract):
+    pump_class = InfluxPump
+    pump_type = "influx"
+    connects = True
+
+    @pytest.fixture(autouse=True)
+    def _database(self, influx_server: InfluxServer, influx_database: str) -> None:
+        self.server, self.database = influx_server, influx_database
+
+    def meta(self, tmp_path: Path) -> dict[str, Any]:
+        return {
+            "database_name": self.database,
+            "address": self.server.url,
+            "tags": ["username", "effect"],
+        }
+
+    def stored_ids(self, pump: Pump) -> Counter[str]:
+        return influx_stored_ids(self.server, self.database)
+
+    def meta_at(self, tmp_path: Path, port: int) -> dict[str, Any]:
+        return {**self.meta(tmp_path), "address": f"http://127.0.0.1:{port}"}
+
+    def unreachable_meta(self, tmp_path: Path) -> dict[str, Any]:
+        return self.meta_at(tmp_path, free_port())
+
+    def server_address(self) -> tuple[str, int]:
+        return self.server.address
+
+
 def test_every_builtin_pump_runs_the_contract() -> None:
     tested = {TestCsvPump, TestStdoutPump, TestMemoryPump, TestDummyPump, TestMongoPump}
-    tested |= {TestMongoAggregatePump, TestElasticsearchPump}
+    tested |= {TestMongoAggregatePump, TestElasticsearchPump, TestInfluxPump}
     assert {case.pump_type for case in tested} == set(BUILTIN_PUMPS)
 
 
 def test_the_sinks_that_store_once_are_those_that_upsert() -> None:
     upserting = {name for name in BUILTIN_PUMPS if resolve_pump_class(name).upserts}
-    assert upserting == {"memory", "mongo", "mongo-aggregate", "elasticsearch"}
+    assert upserting == {"memory", "mongo", "mongo-aggregate", "elasticsearch", "influx"}
 
 
 def _config(pumps: dict[str, Any]) -> str:
