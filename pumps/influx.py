@@ -9,10 +9,12 @@ which are tags, as iam maps them. Where iam loses or duplicates data, this pump 
   record, so a redelivered batch rewrites the same points (InfluxDB keeps one point per series
   and time) and two records of the same second and tags are two points.
 * **Offsets within a batch never collide.** An id is ``<batch id>-<position>``; the offset is
-  ``(hash(batch id) + position) mod 10^9``, so the records of one batch get distinct offsets.
-  Records of two different batches land on the same nanosecond with probability 10^-9 per pair;
-  only when they also share their second and every tag value do they make one point (the later
-  write's fields replace the earlier's: one record is lost). The README gives the numbers.
+  the batch's hash plus the position, mod 10^9, so the records of one batch get distinct
+  offsets, and so do the records purged from iam's list in one epoch (see
+  :func:`time_offset_ns`). Records of two reporter batches land on the same nanosecond with
+  probability 10^-9 per pair; only when they also share their second and every tag value do
+  they make one point (the later write's fields replace the earlier's: one record is lost). The
+  README gives the numbers.
 * **The database is created at open** (``CREATE DATABASE`` does nothing when it exists); iam
   writes to a database someone else made, and every write fails until then. A user without the
   right to create it gets a warning and the writes go on.
@@ -63,8 +65,8 @@ MAX_SERIES_KEY_BYTES = 65_535
 #: Lines per request are cut at this many characters (at most 16 MiB of UTF-8), under InfluxDB's
 #: default ``max-body-size`` (25 MB); a request refused as too large (413) is split anyway.
 MAX_REQUEST_CHARACTERS = 4 * 1024 * 1024
-#: A position longer than this is not one the pipeline made: hash the whole id instead.
-_MAX_POSITION_DIGITS = 9
+#: A count in an id longer than this is not one the pipeline made: it is hashed with the rest.
+_MAX_COUNT_DIGITS = 15
 
 #: A string field's value inside double quotes: InfluxDB unescapes ``\\`` and ``\"`` only.
 _FIELD_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})
@@ -87,13 +89,18 @@ def _hash(text: str) -> int:
 def time_offset_ns(record_id: str) -> int:
     """The nanoseconds a record's point lies after the start of its second, from its id alone.
 
-    ``<batch id>-<position>``: the batch's hash plus the position, so one batch's records never
-    share an offset; any other id: its hash. Always in ``[0, 10^9)``, the same on every machine.
+    An id ends in one or two counts (``<batch id>-<position>``, and a batch purged from iam's
+    list is itself ``<epoch>-<records removed before it>``): the hash of what precedes them plus
+    the counts, mod 10^9. So the records of one batch never share an offset, nor do the records
+    purged in one epoch. Any other id: its hash. The same on every machine and every run.
     """
-    batch, dash, position = record_id.rpartition("-")
-    if dash and position.isascii() and position.isdigit() and len(position) <= _MAX_POSITION_DIGITS:
-        return (_hash(batch) + int(position)) % NANOSECONDS_PER_SECOND
-    return _hash(record_id) % NANOSECONDS_PER_SECOND
+    prefix, counted = record_id, 0
+    for _ in range(2):
+        head, dash, tail = prefix.rpartition("-")
+        if not (dash and tail.isascii() and tail.isdigit() and len(tail) <= _MAX_COUNT_DIGITS):
+            break
+        prefix, counted = head, counted + int(tail)
+    return (_hash(prefix) + counted) % NANOSECONDS_PER_SECOND
 
 
 def go_time_text(moment: datetime) -> str:
