@@ -32,6 +32,7 @@ session, authentication and error types.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -68,13 +69,6 @@ MAX_REQUEST_CHARACTERS = 4 * 1024 * 1024
 #: A count in an id longer than this is not one the pipeline made: it is hashed with the rest.
 _MAX_COUNT_DIGITS = 15
 
-#: A string field's value inside double quotes: InfluxDB unescapes ``\\`` and ``\"`` only.
-_FIELD_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})
-#: A tag value: comma, space and ``=`` are escaped. Line protocol cannot carry a line break or
-#: every backslash in a tag value, so a line break becomes a space and a backslash ``/``.
-_TAG_ESCAPES = str.maketrans(
-    {",": "\\,", " ": "\\ ", "=": "\\=", "\n": "\\ ", "\r": "\\ ", "\\": "/"}
-)
 
 #: InfluxDB statuses: the request as a whole was refused (bad points), or too large.
 BAD_REQUEST_STATUS = 400
@@ -82,6 +76,7 @@ REQUEST_TOO_LARGE_STATUS = 413
 AUTH_STATUSES = frozenset({401, 403})
 
 
+@functools.lru_cache(maxsize=4096)  # a batch's records share their prefix
 def _hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
 
@@ -103,6 +98,7 @@ def time_offset_ns(record_id: str) -> int:
     return (_hash(prefix) + counted) % NANOSECONDS_PER_SECOND
 
 
+@functools.lru_cache(maxsize=1024)  # a batch's records mostly share their expiry
 def go_time_text(moment: datetime) -> str:
     """A time as Go's JSON writes it (RFC 3339, UTC, fraction only when there is one)."""
     moment = moment.astimezone(UTC)
@@ -116,7 +112,22 @@ def go_time_text(moment: datetime) -> str:
 
 
 def _string_field(value: str) -> str:
-    return '"' + value.translate(_FIELD_ESCAPES) + '"'
+    """A string field's value: InfluxDB 1.x unescapes ``\\\\`` and ``\\"`` in it, nothing else
+    (a newline is kept as it is)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _tag_value(value: str) -> str:
+    """A tag value: comma, space and ``=`` are escaped. Line protocol cannot carry a line break,
+    nor every backslash, in a tag value: a line break becomes a space and a backslash ``/``."""
+    return (
+        value.replace("\\", "/")
+        .replace(",", "\\,")
+        .replace(" ", "\\ ")
+        .replace("=", "\\=")
+        .replace("\n", "\\ ")
+        .replace("\r", "\\ ")
+    )
 
 
 #: How each attribute is written as a field (a line-protocol value) and as a tag (raw text).
@@ -248,7 +259,7 @@ class InfluxPump(Pump[InfluxMeta]):
         for name, value_of in self._tags:
             value = value_of(record)
             if value:  # InfluxDB has no empty tag values: the tag is left out
-                series += f",{name}={value.translate(_TAG_ESCAPES)}"
+                series += f",{name}={_tag_value(value)}"
         if len(series) > MAX_SERIES_KEY_BYTES // 4 and (
             len(series.encode("utf-8")) > MAX_SERIES_KEY_BYTES
         ):

@@ -23,7 +23,8 @@ from tests.support import (
     small_filesystem,
 )
 
-__all__ = ["es_url", "influx_database", "influx_server", "mongo_db", "mongo_uri", "require"]  # fixtures for every test module
+# Fixtures for every test module.
+__all__ = ["es_url", "influx_database", "influx_server", "mongo_db", "mongo_uri", "require"]
 
 
 def require(available: bool, what: str) -> None:
