@@ -226,7 +226,7 @@ class InfluxPump(Pump[InfluxMeta]):
                     "pump %s: not allowed to create database %r (%s); writing to it as it is",
                     self.name,
                     name,
-                    exc,
+                    _reason(exc),
                 )
                 return
             raise self._wrap(exc, doing=f"create database {name!r}") from exc

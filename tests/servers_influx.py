@@ -49,6 +49,7 @@ bind-address = "127.0.0.1:{rpc_port}"
   bind-address = "127.0.0.1:{http_port}"
   log-enabled = false
   pprof-enabled = false
+  auth-enabled = {auth}
 [logging]
   level = "warn"
 """
@@ -77,12 +78,22 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start_influxd(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """influxd on free loopback ports with its files under ``folder``; returns (process, url)."""
+def start_influxd(folder: Path, *, auth: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    """influxd on free loopback ports with its files under ``folder``; returns (process, url).
+
+    With ``auth``, requests need credentials (the first admin user is created without).
+    """
     http_port, rpc_port = free_port(), free_port()
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "influxdb.conf"
-    config.write_text(CONFIG_TEMPLATE.format(folder=folder, http_port=http_port, rpc_port=rpc_port))
+    config.write_text(
+        CONFIG_TEMPLATE.format(
+            folder=folder,
+            http_port=http_port,
+            rpc_port=rpc_port,
+            auth="true" if auth else "false",
+        )
+    )
     log = (folder / "influxd.log").open("ab")
     process = subprocess.Popen(
         ["influxd", "run", "-config", str(config)], stdout=log, stderr=subprocess.STDOUT

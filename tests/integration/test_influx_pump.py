@@ -7,18 +7,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import shutil
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from influxdb import InfluxDBClient
 
 from app.record import AnalyticsRecord
 from pumps.base import WriteResult
 from pumps.deadline import Deadline
+from pumps.errors import PumpPermanentError
 from pumps.influx import InfluxPump, time_offset_ns
 from pumps.registry import meta_problems
 from pumps.testing import copies, make_records, opened
-from tests.servers_influx import InfluxServer, point_count, stored_ids
+from tests.conftest import require
+from tests.servers_influx import (
+    InfluxServer,
+    point_count,
+    start_influxd,
+    stop_influxd,
+    stored_ids,
+)
 
 NOW_S = 1_795_500_000
 WEEK_S = 7 * 86_400
@@ -270,3 +283,57 @@ def test_request_json_round_trips_through_influxql(
         f'SELECT "request" FROM "analytics" WHERE "id" = \'{wanted.id}\'',
     )
     assert [json.loads(row["request"]) for row in rows] == [json.loads(wanted.request)]
+
+
+# -- a server that asks for credentials ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def influx_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxServer]:
+    """influxd with ``auth-enabled``: an admin, and a user who may only write to ``granted``."""
+    require(shutil.which("influxd") is not None, "influxd (apt-get install influxdb)")
+    process, url = start_influxd(Path(tmp_path_factory.mktemp("influxd-auth")), auth=True)
+    server = InfluxServer(url)
+    host, port = server.address
+    try:
+        first = InfluxDBClient(host, port, timeout=10, retries=1)
+        first.query("CREATE USER admin WITH PASSWORD 'admin-pw' WITH ALL PRIVILEGES", method="POST")
+        first.close()
+        admin = InfluxDBClient(host, port, "admin", "admin-pw", timeout=10, retries=1)
+        admin.create_database("granted")
+        admin.create_user("writer", "writer-pw")
+        admin.grant_privilege("write", "granted", "writer")
+        admin.close()
+        yield server
+    finally:
+        stop_influxd(process)
+
+
+@pytest.mark.integration
+def test_refused_credentials_are_a_permanent_error(influx_with_auth: InfluxServer) -> None:
+    for username, password in [("admin", "wrong"), ("", "")]:
+        pump = influx_pump(influx_with_auth, "granted", username=username, password=password)
+        with pytest.raises(PumpPermanentError, match="InfluxDB refused create database"):
+            pump.open()
+        pump.close()
+
+
+@pytest.mark.integration
+def test_a_user_who_may_only_write_is_warned_and_writes(
+    influx_with_auth: InfluxServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    records = make_records("writer", 4)
+    meta = {"username": "writer", "password": "writer-pw"}
+    with opened(influx_pump(influx_with_auth, "granted", **meta)) as pump:
+        assert pump.write(records, deadline=soon()) == WriteResult()
+    assert any(
+        entry.levelno == logging.WARNING and "not allowed to create database" in entry.getMessage()
+        for entry in caplog.records
+    )
+    host, port = influx_with_auth.address
+    admin = InfluxDBClient(host, port, "admin", "admin-pw", database="granted", timeout=10)
+    try:
+        ids = Counter(p["id"] for p in admin.query('SELECT "id" FROM "analytics"').get_points())
+    finally:
+        admin.close()
+    assert ids == Counter(record.id for record in records)
