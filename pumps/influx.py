@@ -22,7 +22,8 @@ which are tags, as iam maps them. Where iam loses or duplicates data, this pump 
   answers 5xx gives :class:`~pumps.errors.PumpTemporaryError` (the batch is retried: rewriting
   the same points is harmless), refused credentials a permanent one. A request InfluxDB refuses
   with 400 (a field type conflict, an unparsable point) is split in halves until the refused
-  records are found, each returned with InfluxDB's reason; the rest is written.
+  records are found, each returned with InfluxDB's reason; the rest is written. When InfluxDB
+  says it dropped every point of a request, they are all refused at once, without halving.
 
 The line protocol is written here rather than by the client's ``make_lines``: that one escapes a
 newline in a string field as the two characters ``\\n``, which InfluxDB 1.x stores as they are,
@@ -35,6 +36,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -74,6 +76,8 @@ _MAX_COUNT_DIGITS = 15
 BAD_REQUEST_STATUS = 400
 REQUEST_TOO_LARGE_STATUS = 413
 AUTH_STATUSES = frozenset({401, 403})
+#: How InfluxDB's answer to a partial write counts the points it dropped.
+_DROPPED = re.compile(r"\bdropped=(\d+)")
 
 
 @functools.lru_cache(maxsize=4096)  # a batch's records share their prefix
@@ -320,8 +324,10 @@ class InfluxPump(Pump[InfluxMeta]):
         except InfluxDBClientError as exc:
             if exc.code not in {BAD_REQUEST_STATUS, REQUEST_TOO_LARGE_STATUS}:
                 raise self._wrap(exc, doing="write") from exc
-            if len(points) == 1:
-                return [(points[0][0], f"InfluxDB refused the point: {_reason(exc)}")]
+            if len(points) == 1 or _dropped(exc) == len(points):
+                # One point, or InfluxDB says it dropped them all: each is refused for this.
+                reason = f"InfluxDB refused the point: {_reason(exc)}"
+                return [(record, reason) for record, _ in points]
             logger.info(
                 "pump %s: InfluxDB refused a write of %d points (%s); writing halves to find "
                 "the refused ones",
@@ -359,6 +365,12 @@ def _reason(exc: Exception) -> str:
     if marker in text:
         text = text.split(marker, 1)[1].rsplit('"', 1)[0]
     return text[:500]
+
+
+def _dropped(exc: InfluxDBClientError) -> int | None:
+    """How many points a partial write dropped, as InfluxDB says (``dropped=N``), if it does."""
+    match = _DROPPED.search(str(exc))
+    return int(match.group(1)) if match else None
 
 
 def _chunks(

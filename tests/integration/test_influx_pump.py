@@ -244,6 +244,30 @@ def test_points_influxdb_refuses_are_returned_alone_and_the_rest_is_written(
 
 
 @pytest.mark.integration
+def test_a_batch_influxdb_refuses_whole_is_refused_in_one_request(
+    influx_server: InfluxServer, influx_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every point in a shard whose ``conclusion`` is an integer: InfluxDB says it dropped them
+    all, and the pump does not halve 500 records down to single points to hear it again."""
+    caplog.set_level(logging.INFO, logger="pumps.influx")
+    pump = influx_pump(influx_server, influx_database)
+    with opened(pump):
+        client = influx_server.client(influx_database)
+        try:
+            client.write_points(
+                [f"analytics conclusion=1i {NOW_S * 1_000_000_000}"], protocol="line"
+            )
+        finally:
+            client.close()
+        records = make_records("all", 500)
+        result = pump.write(records, deadline=soon())
+    assert [record.id for record, _ in result.rejected] == [record.id for record in records]
+    assert all("field type conflict" in reason for _, reason in result.rejected)
+    assert not [entry for entry in caplog.records if "writing halves" in entry.getMessage()]
+    assert stored_ids(influx_server, influx_database) == Counter()
+
+
+@pytest.mark.integration
 def test_a_time_influxdb_cannot_hold_refuses_that_record_alone(
     influx_server: InfluxServer, influx_database: str
 ) -> None:
