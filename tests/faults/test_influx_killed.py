@@ -82,15 +82,25 @@ def test_pump_worker_killed_mid_run_every_record_is_one_point(
     expected = {record.request for record in records}
     report(records, config)  # 160 batches of 50 wait in the ingest queue
     ingest = start_worker(config, tmp_path / "i.log", queues="ingest", name="ingest")
+    procs.append(ingest)
+
+    def ingested() -> int:
+        return int(faults_db.hget("iam-pump:stats", "ingested_records") or 0)
+
+    # The whole run waits in the pump's queue before its worker starts, so the kill below
+    # lands while it writes, however fast InfluxDB takes the points.
+    assert wait_until(lambda: ingested() >= RECORDS, 60)
     first = start_worker(config, tmp_path / "p1.log", queues="pump.influx", name="p1")
-    procs += [ingest, first]
-    assert wait_until(lambda: point_count(influx_server, influx_database) > 500, 60)
+    procs.append(first)
+    assert wait_until(lambda: point_count(influx_server, influx_database) > 0, 60, interval_s=0.02)
     if not broker:
-        assert wait_until(lambda: faults_db.hlen("unacked") > 0, 30, interval_s=0.01)
+        # Kill while tasks are held, not in a gap between two fetches (the fault to inject).
+        assert wait_until(lambda: faults_db.hlen("unacked") > 0, 30, interval_s=0.005)
     first.kill_group(signal.SIGKILL)
     first.popen.wait(10)
     at_kill = point_count(influx_server, influx_database)
     held = faults_db.hlen("unacked") if not broker else -1
+    assert broker or held > 0, "the killed worker held no task: no fault injected"
     procs.append(start_worker(config, tmp_path / "p2.log", queues="pump.influx", name="p2"))
     started = time.monotonic()
 
