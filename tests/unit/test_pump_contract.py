@@ -4,7 +4,9 @@ configuration of the store pumps.
 The csv, stdout and memory cases need no server. The MongoDB and Elasticsearch cases use the
 servers at ``MONGO_URI`` and ``ES_URL`` (skipped locally when absent, failing in CI), each test in
 its own database or index, dropped afterwards. What each store pump adds to the contract is in
-``test_mongo_pump.py`` and ``test_elasticsearch_pump.py``.
+``test_mongo_pump.py`` and ``test_elasticsearch_pump.py``. The InfluxDB case runs against the
+real ``influxd`` of ``tests/servers_influx.py``; its own tests are in
+``tests/integration/test_influx_pump.py``.
 """
 
 from __future__ import annotations
