@@ -1,5 +1,5 @@
-"""Records per second into MongoDB, Elasticsearch, syslog and Prometheus counters: raw client,
-our pumps, and end to end.
+"""Records per second into MongoDB, Elasticsearch, InfluxDB, syslog and Prometheus counters: raw
+client, our pumps, and end to end.
 
     python bench/bench_stores.py --records 50000
 
@@ -13,13 +13,17 @@ For each store, the same records are written three ways, each into a fresh colle
   formatted, and the standard library's ``SysLogHandler`` emitting each record; for prometheus
   prometheus-client's own ``Counter.labels(...).inc()`` per record in this process (iam's way,
   counts in one process's memory) and the raw Redis ``HINCRBY`` pipeline of the same per-batch
-  counts without the once-per-batch guard;
+  counts without the once-per-batch guard; for InfluxDB the
+  ``influxdb`` client's ``write_points`` of point dicts (its own line protocol), with the same
+  measurement, tags, fields and times as the pump's points;
 * ``pump``: our pump's ``write()`` in this process, one call per batch;
 * ``e2e``: ``Analytics.record_hit`` -> Celery ingest -> write task -> pump, through a real
   ``celery worker`` subprocess, timed from the first record handed to the reporter until the
   store holds them all (worker start-up excluded).
 
-Ratios are against the ``raw`` row measured in the same run. Nothing is asserted. The end-to-end
+InfluxDB is a real ``influxd`` (Debian's ``influxdb``) started on free ports for the run unless
+``--influx-url`` names one. Ratios are against the ``raw`` row measured in the same run. Nothing
+is asserted. The end-to-end
 runs need Redis and use database ``--redis-db`` (default 15; the other benchmarks in ``bench/``
 use 12), which they flush: the benchmark owns that database while it runs.
 """
@@ -43,21 +47,24 @@ from urllib.parse import urlsplit, urlunsplit
 import pymongo
 import redis
 from elasticsearch import Elasticsearch
+from influxdb import InfluxDBClient
 from pymongo import UpdateOne
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.analytics import Analytics, AnalyticsOptions  # noqa: E402
-from app.record import AnalyticsRecord  # noqa: E402
+from app.record import AnalyticsRecord, go_expiry  # noqa: E402
 from pumps.base import Pump  # noqa: E402
 from pumps.deadline import Deadline  # noqa: E402
 from pumps.elasticsearch import record_document as es_document  # noqa: E402
+from pumps.influx import go_time_text, time_offset_ns  # noqa: E402
 from pumps.mongo import record_document as mongo_document  # noqa: E402
 from pumps.mongo_aggregate import MongoAggregatePump  # noqa: E402
 from pumps.prometheus import CounterKeys, read_counts, status_code  # noqa: E402
 from pumps.registry import resolve_pump_class  # noqa: E402
 from pumps.syslog import SyslogPump  # noqa: E402
+from tests.servers_influx import start_influxd, stop_influxd  # noqa: E402
 from tests.servers_syslog import new_tag, start_rsyslog, stop_rsyslog  # noqa: E402
 from tests.support import Proc, base_config, free_port, start_worker, write_config  # noqa: E402
 
@@ -556,6 +563,93 @@ def bench_prometheus(args: argparse.Namespace, records: list[AnalyticsRecord]) -
         for key in client.scan_iter(f"{prefix}:*"):
             client.delete(key)
         client.close()
+
+
+#: The tags of the InfluxDB runs (iam's example: who and what was decided); the rest are fields.
+INFLUX_TAGS = ("effect", "username")
+
+
+def influx_point(record: AnalyticsRecord) -> dict[str, Any]:
+    """The pump's point for a record, as the ``influxdb`` client takes it (a dict)."""
+    return {
+        "measurement": "analytics",
+        "time": record.timestamp * 1_000_000_000 + time_offset_ns(record.id),
+        "tags": {"effect": record.effect, "username": record.username},
+        "fields": {
+            "id": record.id,
+            "timestamp": record.timestamp,
+            "conclusion": record.conclusion,
+            "request": record.request,
+            "policies": record.policies,
+            "deciders": record.deciders,
+            "expireAt": go_time_text(go_expiry(record)),
+        },
+    }
+
+
+def bench_influx(args: argparse.Namespace, records: list[AnalyticsRecord]) -> list[Row]:
+    with tempfile.TemporaryDirectory(prefix="bench-influx-") as folder:
+        process = None
+        url = args.influx_url
+        if not url:
+            process, url = start_influxd(Path(folder))
+        parts = urlsplit(url)
+        client = InfluxDBClient(parts.hostname, parts.port or 8086, timeout=PUMP_TIMEOUT_S)
+        name = f"bench_{uuid.uuid4().hex[:8]}"
+        groups = batches(records, args.batch_size)
+        databases = [f"{name}_raw", f"{name}_pump", f"{name}_e2e"]
+        rows = []
+        try:
+            client.create_database(databases[0])
+            points = [[influx_point(record) for record in group] for group in groups]
+
+            def raw_write() -> None:
+                for group in points:
+                    client.write_points(group, time_precision="n", database=databases[0])
+
+            rows.append(timed("influx", "raw write_points", len(records), raw_write))
+            meta = {"database_name": databases[1], "address": url, "tags": list(INFLUX_TAGS)}
+            pump = resolve_pump_class("influx").create("influx", meta, timeout_s=PUMP_TIMEOUT_S)
+            pump.open()
+            try:
+                rows.append(
+                    timed("influx", "pump write()", len(records), pump_writes(pump, groups))
+                )
+            finally:
+                pump.close()
+            for database in databases[:2]:
+                counted = list(
+                    client.query(
+                        'SELECT count("id") FROM "analytics"', database=database
+                    ).get_points()
+                )
+                if not counted or counted[0]["count"] != len(records):
+                    print(f"  influx {database}: {counted} points", file=sys.stderr)
+            if not args.skip_e2e:
+                entry = {
+                    "type": "influx",
+                    "timeout": PUMP_TIMEOUT_S,
+                    "meta": {**meta, "database_name": databases[2]},
+                }
+
+                def points_stored() -> int:
+                    if databases[2] not in {d["name"] for d in client.get_list_database()}:
+                        return 0
+                    result = client.query(
+                        'SELECT count("id") FROM "analytics"', database=databases[2]
+                    )
+                    counted = list(result.get_points())
+                    return int(counted[0]["count"]) if counted else 0
+
+                row = end_to_end(args, "influx", entry, records, points_stored)
+                if row is not None:
+                    rows.append(row)
+        finally:
+            for database in databases:
+                client.drop_database(database)
+            client.close()
+            if process is not None:
+                stop_influxd(process)
     return rows
 
 
@@ -580,11 +674,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=DEFAULT_RECORDS)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE_RECORDS)
-    parser.add_argument("--stores", default="mongo,mongo-aggregate,elasticsearch,syslog,prometheus")
+    parser.add_argument(
+        "--stores", default="mongo,mongo-aggregate,elasticsearch,influx,syslog,prometheus"
+    )
     parser.add_argument(
         "--mongo-uri", default=os.environ.get("MONGO_URI", "mongodb://127.0.0.1:27017")
     )
     parser.add_argument("--es-url", default=os.environ.get("ES_URL", "http://127.0.0.1:9200"))
+    parser.add_argument(
+        "--influx-url",
+        default=os.environ.get("INFLUX_URL", ""),
+        help="an InfluxDB 1.x to use; default: influxd started on free ports for the run",
+    )
     parser.add_argument("--skip-e2e", action="store_true", help="no Celery end-to-end runs")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_WORKER_CONCURRENCY)
     parser.add_argument("--e2e-timeout", type=float, default=DEFAULT_E2E_TIMEOUT_S)
@@ -600,6 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "elasticsearch": bench_elasticsearch,
         "syslog": bench_syslog,
         "prometheus": bench_prometheus,
+        "influx": bench_influx,
     }
     rows: list[Row] = []
     for store in args.stores.split(","):

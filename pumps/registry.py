@@ -33,6 +33,7 @@ BUILTIN_PUMPS: dict[str, str] = {
     "elasticsearch": "pumps.elasticsearch:ElasticsearchPump",
     "syslog": "pumps.syslog:SyslogPump",
     "prometheus": "pumps.prometheus:PrometheusPump",
+    "influx": "pumps.influx:InfluxPump",
 }
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stand-in MongoDB and Elasticsearch servers for the integration tests.
+# Stand-in MongoDB and Elasticsearch servers for the integration tests (and, at install, the
+# real InfluxDB 1.x the influx pump's tests start on their own).
 #
 #   scripts/test-servers.sh install   # one venv per stand-in, pinned versions; Debian's
 #                                     # systemd, docker-compose, prometheus (promtool and the prometheus
@@ -109,12 +110,27 @@ install_rsyslog() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsyslog rsyslog-gnutls >/dev/null
 }
 
+# InfluxDB 1.x (Debian's influxdb) for the influx pump: the tests start influxd themselves, on
+# private ports with their own folders (tests/servers_influx.py); the system service is not used.
+install_influxdb() {
+    if command -v influxd >/dev/null 2>&1; then
+        log "influxd already installed ($(influxd version 2>/dev/null || echo unknown))"
+        return 0
+    fi
+    command -v apt-get >/dev/null 2>&1 || die "influxd is missing and there is no apt-get to install influxdb"
+    log "installing influxdb from Debian"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq influxdb
+    command -v influxd >/dev/null 2>&1 || die "influxdb installed, but no influxd on PATH"
+}
+
 cmd_install() {
     mkdir -p "$SERVERS_DIR"
     install_one "$MONGO_VENV" nx-27017 "$NX_VERSION"
     install_one "$ES_VENV" noida-db "$NOIDA_VERSION"
     install_rsyslog
     install_deploy_tools
+    install_influxdb
 }
 
 # --- probes ----------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.servers_influx import influx_database, influx_server
 from tests.servers_prometheus import prometheus_server
 from tests.servers_syslog import rsyslog
 from tests.stores import es_url, mongo_db, mongo_uri
@@ -27,6 +28,8 @@ from tests.support import (
 # Fixtures for every test module.
 __all__ = [
     "es_url",
+    "influx_database",
+    "influx_server",
     "mongo_db",
     "mongo_uri",
     "prometheus_server",

@@ -31,7 +31,7 @@ print(json.dumps({
     "kombu_patched": getattr(kombu_redis.QoS.restore_unacked_once, "guarded_by_iam_pump", False),
     "modules": sorted(
         name for name in sys.modules
-        if name.split(".")[0] in ("tasks", "pymongo", "elasticsearch", "bson", "pumps")
+        if name.split(".")[0] in ("tasks", "pymongo", "elasticsearch", "bson", "influxdb", "pumps")
         or name in ("app.celery_app", "app.worker_context", "celeryconfig")
     ),
 }))
@@ -50,6 +50,10 @@ def test_importing_the_reporter_makes_no_worker_app_and_loads_no_sink_driver(
                     "e": {
                         "type": "elasticsearch",
                         "meta": {"elasticsearch_url": "http://127.0.0.1:1"},
+                    },
+                    "i": {
+                        "type": "influx",
+                        "meta": {"database_name": "x", "address": "http://127.0.0.1:1"},
                     },
                 }
             }

@@ -4,7 +4,9 @@ configuration of the store pumps.
 The csv, stdout and memory cases need no server. The MongoDB and Elasticsearch cases use the
 servers at ``MONGO_URI`` and ``ES_URL`` (skipped locally when absent, failing in CI), each test in
 its own database or index, dropped afterwards. What each store pump adds to the contract is in
-``test_mongo_pump.py`` and ``test_elasticsearch_pump.py``.
+``test_mongo_pump.py`` and ``test_elasticsearch_pump.py``. The InfluxDB case runs against the
+real ``influxd`` of ``tests/servers_influx.py``; its own tests are in
+``tests/integration/test_influx_pump.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pumps.base import Pump
 from pumps.csv import CSVPump
 from pumps.dummy import DummyPump
 from pumps.elasticsearch import ElasticsearchPump
+from pumps.influx import InfluxPump
 from pumps.memory import MemoryPump
 from pumps.mongo import MongoPump
 from pumps.mongo_aggregate import MongoAggregatePump
@@ -38,6 +41,8 @@ from pumps.settings import parse_pump_settings
 from pumps.stdout import StdoutPump
 from pumps.testing import PumpContract
 from tests.integration import test_syslog_pump
+from tests.servers_influx import InfluxServer
+from tests.servers_influx import stored_ids as influx_stored_ids
 from tests.stores import MONGO_URI, es_address, mongo_address, mongo_url_for
 from tests.support import REDIS_HOST, REDIS_PORT, TEST_REDIS_DB, free_port, read_csv_rows
 
@@ -241,16 +246,53 @@ class TestPrometheusPump(PumpContract):
         return REDIS_HOST, REDIS_PORT
 
 
+@pytest.mark.integration
+class TestInfluxPump(PumpContract):
+    pump_class = InfluxPump
+    pump_type = "influx"
+    connects = True
+
+    @pytest.fixture(autouse=True)
+    def _database(self, influx_server: InfluxServer, influx_database: str) -> None:
+        self.server, self.database = influx_server, influx_database
+
+    def meta(self, tmp_path: Path) -> dict[str, Any]:
+        return {
+            "database_name": self.database,
+            "address": self.server.url,
+            "tags": ["username", "effect"],
+        }
+
+    def stored_ids(self, pump: Pump) -> Counter[str]:
+        return influx_stored_ids(self.server, self.database)
+
+    def meta_at(self, tmp_path: Path, port: int) -> dict[str, Any]:
+        return {**self.meta(tmp_path), "address": f"http://127.0.0.1:{port}"}
+
+    def unreachable_meta(self, tmp_path: Path) -> dict[str, Any]:
+        return self.meta_at(tmp_path, free_port())
+
+    def server_address(self) -> tuple[str, int]:
+        return self.server.address
+
+
 def test_every_builtin_pump_runs_the_contract() -> None:
     tested = {TestCsvPump, TestStdoutPump, TestMemoryPump, TestDummyPump, TestMongoPump}
-    tested |= {TestMongoAggregatePump, TestElasticsearchPump, TestPrometheusPump}
+    tested |= {TestMongoAggregatePump, TestElasticsearchPump, TestPrometheusPump, TestInfluxPump}
     tested |= {test_syslog_pump.TestSyslogPump}
     assert {case.pump_type for case in tested} == set(BUILTIN_PUMPS)
 
 
 def test_the_sinks_that_store_once_are_those_that_upsert() -> None:
     upserting = {name for name in BUILTIN_PUMPS if resolve_pump_class(name).upserts}
-    assert upserting == {"memory", "mongo", "mongo-aggregate", "elasticsearch", "prometheus"}
+    assert upserting == {
+        "memory",
+        "mongo",
+        "mongo-aggregate",
+        "elasticsearch",
+        "prometheus",
+        "influx",
+    }
 
 
 def _config(pumps: dict[str, Any]) -> str:
