@@ -31,6 +31,7 @@ BUILTIN_PUMPS: dict[str, str] = {
     "mongo": "pumps.mongo:MongoPump",
     "mongo-aggregate": "pumps.mongo_aggregate:MongoAggregatePump",
     "elasticsearch": "pumps.elasticsearch:ElasticsearchPump",
+    "kafka": "pumps.kafka:KafkaPump",
 }
 
 

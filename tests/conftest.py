@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.servers_kafka import kafka_server
 from tests.stores import es_url, mongo_db, mongo_uri
 from tests.support import (
     IN_CI,
@@ -22,7 +23,13 @@ from tests.support import (
     small_filesystem,
 )
 
-__all__ = ["es_url", "mongo_db", "mongo_uri", "require"]  # fixtures for every test module
+__all__ = [
+    "es_url",
+    "kafka_server",
+    "mongo_db",
+    "mongo_uri",
+    "require",
+]  # fixtures for every test module
 
 
 def require(available: bool, what: str) -> None:

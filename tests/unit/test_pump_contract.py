@@ -193,8 +193,11 @@ class TestElasticsearchPump(PumpContract):
 
 
 def test_every_builtin_pump_runs_the_contract() -> None:
+    # Imported here, not at the top, so pytest does not collect its contract twice.
+    from tests.integration.test_kafka_pump import TestKafkaPump
+
     tested = {TestCsvPump, TestStdoutPump, TestMemoryPump, TestDummyPump, TestMongoPump}
-    tested |= {TestMongoAggregatePump, TestElasticsearchPump}
+    tested |= {TestMongoAggregatePump, TestElasticsearchPump, TestKafkaPump}
     assert {case.pump_type for case in tested} == set(BUILTIN_PUMPS)
 
 
