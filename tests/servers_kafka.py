@@ -282,3 +282,28 @@ def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServ
         yield server
     finally:
         server.stop()
+
+
+def topic_size(bootstrap: str, topic: str, *, client: dict[str, Any] | None = None) -> int:
+    """Messages in ``topic`` now (the sum of its partitions' watermark spans); 0 if unknown."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            **(CLIENT_09 if client is None else client),
+            "group.id": "size",
+            "log_level": 0,
+        }
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=5)
+        total = 0
+        for partition in metadata.topics[topic].partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=5)
+            total += high - low
+        return total
+    except KafkaException:
+        return 0
+    finally:
+        consumer.close()
