@@ -23,8 +23,10 @@ Where iam loses data, this pump does not:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -57,6 +59,13 @@ class _ClientLog:
 #: A record refused one by one, and why.
 Rejection = tuple[AnalyticsRecord, str]
 
+#: Compact JSON, as Go's ``encoding/json`` writes it; UTF-8 as it is, not escaped.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+#: Distinct ``expireAt`` times whose text is remembered (a batch mostly shares a few).
+GO_TIME_CACHE_SIZE = 4096
+#: Pause between metadata requests while a topic is being created or a leader elected.
+METADATA_RETRY_PAUSE_S = 0.2
+
 #: How long a write waits for room in the client's queue before trying again.
 QUEUE_FULL_POLL_S = 0.05
 #: librdkafka's lower bounds on its timeouts.
@@ -86,6 +95,7 @@ PERMANENT_ERRORS = frozenset(
 _TOPIC_SETTLING_ERRORS = frozenset({KafkaError.NO_ERROR, KafkaError.LEADER_NOT_AVAILABLE})
 
 
+@functools.lru_cache(maxsize=GO_TIME_CACHE_SIZE)
 def go_time(moment: datetime) -> str:
     """A time as Go's ``encoding/json`` writes a ``time.Time`` in UTC (RFC 3339, ``Z``)."""
     text = moment.astimezone(UTC).isoformat()
@@ -105,7 +115,7 @@ def message_value(record: AnalyticsRecord, meta_data: dict[str, str]) -> bytes:
         "expireAt": go_time(go_expiry(record)),
     }
     message.update(meta_data)
-    return json.dumps(message, ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode(message).encode("utf-8")
 
 
 class _Deliveries:
@@ -232,16 +242,28 @@ class KafkaPump(Pump[KafkaMeta]):
 
     def _metadata(self, producer: Producer, *, timeout_s: float) -> None:
         """Ask the brokers about the topic (creating it where the broker auto-creates topics);
-        raise a pump error saying why it cannot be used."""
+        raise a pump error saying why it cannot be used.
+
+        A topic being created, or a partition without a leader yet, answers with an error for
+        a moment: asked again until ``timeout_s`` is spent.
+        """
         topic = self.meta.topic
-        try:
-            metadata = producer.list_topics(topic=topic, timeout=timeout_s)
-        except KafkaException as exc:
-            raise self._wrap(exc.args[0], doing="metadata request") from exc
-        entry = metadata.topics.get(topic)
-        error = entry.error if entry is not None else None
-        if error is not None and error.code() not in _TOPIC_SETTLING_ERRORS:
-            raise self._wrap(error, doing=f"topic {topic!r}")
+        budget = Deadline.after(timeout_s)
+        while True:
+            try:
+                metadata = producer.list_topics(topic=topic, timeout=budget.remaining_s())
+                entry = metadata.topics.get(topic)
+                error = entry.error if entry is not None else None
+                if error is None or error.code() in _TOPIC_SETTLING_ERRORS:
+                    return
+                failure = self._wrap(error, doing=f"topic {topic!r}")
+            except KafkaException as exc:
+                failure = self._wrap(exc.args[0], doing="metadata request")
+            if isinstance(failure, PumpPermanentError) or budget.remaining_s() < (
+                METADATA_RETRY_PAUSE_S
+            ):
+                raise failure
+            time.sleep(METADATA_RETRY_PAUSE_S)
 
     def check(self) -> None:
         producer = self._producer
@@ -327,7 +349,6 @@ class KafkaPump(Pump[KafkaMeta]):
                     producer.purge(in_queue=True, in_flight=False, blocking=False)
                     producer.poll(0)
                     raise self._wrap(error, doing="produce") from exc
-            producer.poll(0)
         if producer.flush(budget.remaining_s()):
             self._give_up(producer, deliveries, len(records) - len(rejected))
         fatal: KafkaError | None = None

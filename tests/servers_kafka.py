@@ -138,7 +138,6 @@ class KafkaServer:
                 "offsets.topic.replication.factor": 1,
                 "group.max.session.timeout.ms": 300000,
                 "controlled.shutdown.enable": "false",
-                "log.flush.interval.messages": 1,
                 "delete.topic.enable": "true",
                 # Small, so a test can send a record the broker itself refuses.
                 "message.max.bytes": BROKER_MESSAGE_MAX_BYTES,
