@@ -30,7 +30,13 @@ BROKER_DOWN_S = 20
 
 
 def kafka_config(
-    tmp_path: Path, broker_url: str, server: KafkaServer, topic: str, *, timeout_s: int
+    tmp_path: Path,
+    broker_url: str,
+    server: KafkaServer,
+    topic: str,
+    *,
+    timeout_s: int,
+    buffer_records: int = 400,
 ) -> Path:
     pump = {
         "type": "kafka",
@@ -41,7 +47,7 @@ def kafka_config(
         tmp_path,
         broker_url,
         pumps={"kafka": pump},
-        analytics={"records-buffer-size": 400, "pool-size": 4},
+        analytics={"records-buffer-size": buffer_records, "pool-size": 4},
     )
     return write_config(tmp_path / "c.yaml", config)
 
@@ -77,8 +83,9 @@ def test_worker_sigkilled_mid_run_loses_nothing(
     kafka_server: KafkaServer,
 ) -> None:
     topic = kafka_server.new_topic("killed")
-    config = kafka_config(tmp_path, broker, kafka_server, topic, timeout_s=10)
-    records = make_records("kafka-kill", 8000)
+    # Batches of 50: hundreds of tasks, so the kill lands while most are still to come.
+    config = kafka_config(tmp_path, broker, kafka_server, topic, timeout_s=10, buffer_records=200)
+    records = make_records("kafka-kill", 20_000)
     report(records, config)
     worker = start_worker(config, tmp_path / "w1.log", name="w1")
     procs.append(worker)
