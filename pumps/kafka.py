@@ -59,7 +59,7 @@ class _ClientLog:
 #: A record refused one by one, and why.
 Rejection = tuple[AnalyticsRecord, str]
 
-#: Compact JSON, as Go's ``encoding/json`` writes it; UTF-8 as it is, not escaped.
+#: Compact JSON, as Go's ``encoding/json`` writes it; non-ASCII text left as UTF-8, as Go does.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 #: Distinct ``expireAt`` times whose text is remembered (a batch mostly shares a few).
 GO_TIME_CACHE_SIZE = 4096
