@@ -258,6 +258,7 @@ class KafkaPump(Pump[KafkaMeta]):
                     return
                 failure = self._wrap(error, doing=f"topic {topic!r}")
             except KafkaException as exc:
+                producer.poll(0)  # serves the error callback: the cause, for the message
                 failure = self._wrap(exc.args[0], doing="metadata request")
             if isinstance(failure, PumpPermanentError) or budget.remaining_s() < (
                 METADATA_RETRY_PAUSE_S
@@ -381,6 +382,10 @@ class KafkaPump(Pump[KafkaMeta]):
         if error.fatal():
             self._broken = True
         message = f"Kafka {doing} failed: {_reason(error)}"
+        if self._last_client_error and self._last_client_error != error.str():
+            # A timeout says little; the client's last error (a refused connection, a TLS
+            # handshake that failed) says why.
+            message += f"; last client error: {self._last_client_error}"
         if error.code() in PERMANENT_ERRORS:
             return PumpPermanentError(message)
         return PumpTemporaryError(message)

@@ -22,11 +22,14 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.support import REPO, free_port, port_open
+
+if TYPE_CHECKING:
+    from tests.security.certs import Certs
 
 SERVERS_DIR = Path(os.environ.get("IAM_PUMP_SERVERS_DIR", REPO / ".cache" / "test-servers"))
 KAFKA_LIBS = SERVERS_DIR / "kafka" / "libs"
@@ -38,6 +41,8 @@ CLIENT_09: dict[str, Any] = {
     "broker.version.fallback": BROKER_VERSION,
 }
 START_TIMEOUT_S = 60.0
+#: The password of the broker's key and trust stores (made for the session, thrown away).
+STORE_PASSWORD = "test-store"
 #: The broker's largest message; the client's own limit is about 1 MB.
 BROKER_MESSAGE_MAX_BYTES = 262_144
 STOP_TIMEOUT_S = 15.0
@@ -59,10 +64,13 @@ class BrokerExited(RuntimeError):
 class KafkaServer:
     """ZooKeeper and one Kafka 0.9 broker, each a child process of the test session."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, certs: Certs | None = None) -> None:
         self.folder = folder
         self.zookeeper_port = free_port()
         self.port = free_port()
+        #: With ``certs``: a TLS listener that asks for a client certificate signed by the CA.
+        self.certs = certs
+        self.ssl_port = free_port() if certs is not None else None
         self._zookeeper: subprocess.Popen[bytes] | None = None
         self._broker: subprocess.Popen[bytes] | None = None
 
@@ -73,6 +81,41 @@ class KafkaServer:
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        assert self.ssl_port is not None, "started without certs"
+        return f"127.0.0.1:{self.ssl_port}"
+
+    def _ssl_properties(self) -> dict[str, object]:
+        """The TLS listener's settings: PKCS12 key store from the PEM pair, JKS trust store."""
+        if self.certs is None:
+            return {}
+        keystore, truststore = self.folder / "server.p12", self.folder / "trust.jks"
+        if not keystore.exists():
+            subprocess.run(
+                ["openssl", "pkcs12", "-export", "-in", str(self.certs.server_cert),
+                 "-inkey", str(self.certs.server_key), "-name", "kafka", "-out", str(keystore),
+                 "-passout", f"pass:{STORE_PASSWORD}"],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+            subprocess.run(
+                ["keytool", "-importcert", "-noprompt", "-alias", "ca", "-file",
+                 str(self.certs.ca), "-keystore", str(truststore), "-storetype", "JKS",
+                 "-storepass", STORE_PASSWORD],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+        return {
+            "ssl.keystore.location": keystore,
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.password": STORE_PASSWORD,
+            "ssl.key.password": STORE_PASSWORD,
+            "ssl.truststore.location": truststore,
+            "ssl.truststore.type": "JKS",
+            "ssl.truststore.password": STORE_PASSWORD,
+            "ssl.client.auth": "required",
+            "ssl.enabled.protocols": "TLSv1.2",
+        }
 
     def _java(self, main_class: str, properties: Path, log_name: str) -> subprocess.Popen[bytes]:
         log4j = _write_properties(
@@ -125,9 +168,11 @@ class KafkaServer:
             self.folder / "server.properties",
             {
                 "broker.id": 0,
-                "listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
-                "advertised.host.name": "127.0.0.1",
-                "advertised.port": self.port,
+                "listeners": ",".join(
+                    [f"PLAINTEXT://127.0.0.1:{self.port}"]
+                    + ([f"SSL://127.0.0.1:{self.ssl_port}"] if self.ssl_port else [])
+                ),
+                **self._ssl_properties(),
                 "log.dirs": self.folder / "kafka-logs",
                 "zookeeper.connect": f"127.0.0.1:{self.zookeeper_port}",
                 "zookeeper.connection.timeout.ms": 30000,
@@ -270,12 +315,14 @@ def keys_in(messages: list[tuple[str, dict[str, Any]]]) -> Counter[str]:
 def kafka_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
     """The session's Kafka 0.9 broker (skips locally, fails in CI, when it is not installed)."""
     from tests.conftest import require
+    from tests.security.certs import make_certs
 
     require(
         shutil.which("java") is not None and any(KAFKA_LIBS.glob("kafka_*.jar")),
         f"Kafka 0.9 jars in {KAFKA_LIBS} and java (scripts/test-servers.sh install)",
     )
-    server = KafkaServer(tmp_path_factory.mktemp("kafka"))
+    folder = tmp_path_factory.mktemp("kafka")
+    server = KafkaServer(folder, certs=make_certs(folder / "certs"))
     try:
         server.start()
         yield server

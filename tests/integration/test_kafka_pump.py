@@ -246,3 +246,67 @@ def test_records_without_an_id_are_sent_without_a_key(mock_cluster: str) -> None
     messages = read_topic(mock_cluster, "noid", client={})
     assert sorted(value["request"] for _, value in messages) == sorted(r.request for r in records)
     assert keys_in(messages) == Counter({"": 3})
+
+
+# -- TLS: the 0.9 broker's TLS listener, which asks for a client certificate ---------------------
+
+
+def tls_meta(server: KafkaServer, topic: str, **extra: Any) -> dict[str, Any]:
+    assert server.certs is not None
+    return {
+        "broker": [server.ssl_bootstrap],
+        "topic": topic,
+        "broker_version": BROKER_VERSION,
+        "use_ssl": True,
+        "ssl_ca_file": str(server.certs.ca),
+        "ssl_cert_file": str(server.certs.client_cert),
+        "ssl_key_file": str(server.certs.client_key),
+        **extra,
+    }
+
+
+def test_tls_with_the_brokers_ca_and_a_client_certificate(
+    kafka_server: KafkaServer, topic: str
+) -> None:
+    records = make_records("tls", 30)
+    pump = KafkaPump.create("kafka", tls_meta(kafka_server, topic), timeout_s=10)
+    with opened(pump):
+        pump.check()
+        assert pump.write(records, deadline=soon()) == WriteResult()
+    assert keys_in(read_topic(kafka_server.bootstrap, topic)) == Counter(
+        {record.id: 1 for record in records}
+    )
+
+
+@pytest.mark.parametrize("fault", ["other CA", "no client certificate"])
+def test_tls_that_cannot_be_established_is_a_temporary_error_saying_why(
+    kafka_server: KafkaServer, topic: str, fault: str
+) -> None:
+    assert kafka_server.certs is not None
+    if fault == "other CA":
+        meta = tls_meta(kafka_server, topic, ssl_ca_file=str(kafka_server.certs.other_ca))
+    else:
+        meta = {**tls_meta(kafka_server, topic), "ssl_cert_file": "", "ssl_key_file": ""}
+    pump = KafkaPump.create("kafka", meta, timeout_s=DOWN_TIMEOUT_S)
+    started = time.monotonic()
+    with pytest.raises(PumpTemporaryError, match=r"(?i)ssl|handshake|certificate") as caught:
+        pump.open()
+    assert time.monotonic() - started < DOWN_TIMEOUT_S + DOWN_SLACK_S
+    pump.close()
+    print(f"\n[{fault}] {caught.value}")
+
+
+def test_tls_without_verification_accepts_a_certificate_of_another_ca(
+    kafka_server: KafkaServer, topic: str
+) -> None:
+    assert kafka_server.certs is not None
+    meta = tls_meta(
+        kafka_server,
+        topic,
+        ssl_ca_file=str(kafka_server.certs.other_ca),
+        ssl_insecure_skip_verify=True,
+    )
+    records = make_records("insecure", 5)
+    with opened(KafkaPump.create("kafka", meta, timeout_s=10)) as pump:
+        assert pump.write(records, deadline=soon()) == WriteResult()
+    assert len(keys_in(read_topic(kafka_server.bootstrap, topic))) == 5
