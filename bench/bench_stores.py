@@ -1,5 +1,5 @@
-"""Records per second into MongoDB, Elasticsearch, InfluxDB, syslog and Prometheus counters: raw
-client, our pumps, and end to end.
+"""Records per second into MongoDB, Elasticsearch, Kafka, InfluxDB, syslog and Prometheus
+counters: raw client, our pumps, and end to end.
 
     python bench/bench_stores.py --records 50000
 
@@ -15,7 +15,9 @@ For each store, the same records are written three ways, each into a fresh colle
   counts in one process's memory) and the raw Redis ``HINCRBY`` pipeline of the same per-batch
   counts without the once-per-batch guard; for InfluxDB the
   ``influxdb`` client's ``write_points`` of point dicts (its own line protocol), with the same
-  measurement, tags, fields and times as the pump's points;
+  measurement, tags, fields and times as the pump's points; for Kafka, confluent-kafka
+  ``produce`` of each record's JSON (keyed by id) and one ``flush`` per batch, with the pump's
+  producer settings (``acks=all``);
 * ``pump``: our pump's ``write()`` in this process, one call per batch;
 * ``e2e``: ``Analytics.record_hit`` -> Celery ingest -> write task -> pump, through a real
   ``celery worker`` subprocess, timed from the first record handed to the reporter until the
@@ -23,7 +25,13 @@ For each store, the same records are written three ways, each into a fresh colle
 
 InfluxDB is a real ``influxd`` (Debian's ``influxdb``) started on free ports for the run unless
 ``--influx-url`` names one. Ratios are against the ``raw`` row measured in the same run. Nothing
-is asserted. The end-to-end
+is asserted.
+
+Kafka is ``--kafka-bootstrap`` (with ``--kafka-broker-version`` for a broker before 0.10), or
+when none is given, a Kafka 0.9 broker started for the run from the jars that
+``scripts/test-servers.sh install`` puts in place.
+
+The end-to-end
 runs need Redis and use database ``--redis-db`` (default 15; the other benchmarks in ``bench/``
 use 12), which they flush: the benchmark owns that database while it runs.
 """
@@ -59,6 +67,7 @@ from pumps.base import Pump  # noqa: E402
 from pumps.deadline import Deadline  # noqa: E402
 from pumps.elasticsearch import record_document as es_document  # noqa: E402
 from pumps.influx import go_time_text, time_offset_ns  # noqa: E402
+from pumps.kafka import KafkaPump, message_value  # noqa: E402
 from pumps.mongo import record_document as mongo_document  # noqa: E402
 from pumps.mongo_aggregate import MongoAggregatePump  # noqa: E402
 from pumps.prometheus import CounterKeys, read_counts, status_code  # noqa: E402
@@ -650,6 +659,88 @@ def bench_influx(args: argparse.Namespace, records: list[AnalyticsRecord]) -> li
             client.close()
             if process is not None:
                 stop_influxd(process)
+
+
+def bench_kafka(args: argparse.Namespace, records: list[AnalyticsRecord]) -> list[Row]:
+    from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+    from tests.servers_kafka import BROKER_VERSION, KafkaServer
+
+    server: KafkaServer | None = None
+    folder = tempfile.TemporaryDirectory(prefix="bench-kafka-")
+    bootstrap, version = args.kafka_bootstrap, args.kafka_broker_version
+    if not bootstrap:
+        server = KafkaServer(Path(folder.name))
+        server.start()
+        bootstrap, version = server.bootstrap, BROKER_VERSION
+    client = {"api.version.request": False, "broker.version.fallback": version} if version else {}
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    groups = batches(records, args.batch_size)
+    rows = []
+    try:
+        meta = {"broker": [bootstrap], "topic": f"{name}-pump", "broker_version": version}
+        pump = KafkaPump.create("kafka", meta, timeout_s=PUMP_TIMEOUT_S)
+        # The raw producer gets the pump's own settings, the plainest way to the same messages.
+        settings = {
+            key: value
+            for key, value in pump.producer_config().items()
+            if key not in {"error_cb", "logger"}
+        }
+        documents = [[(r.id, json.loads(message_value(r, {}))) for r in g] for g in groups]
+        producer = Producer(settings)
+        producer.list_topics(f"{name}-raw", timeout=30)  # created before the clock starts
+
+        def raw_produce() -> None:
+            for group in documents:
+                for key, document in group:
+                    while True:
+                        try:
+                            producer.produce(f"{name}-raw", json.dumps(document), key)
+                            break
+                        except BufferError:
+                            producer.poll(0.01)
+                if producer.flush(PUMP_TIMEOUT_S):
+                    raise RuntimeError("raw produce: not all messages acknowledged")
+
+        rows.append(timed("kafka", "raw produce + flush", len(records), raw_produce))
+        producer.close()
+        pump.open()
+        try:
+            rows.append(timed("kafka", "pump write()", len(records), pump_writes(pump, groups)))
+        finally:
+            pump.close()
+        if not args.skip_e2e:
+            e2e_topic = f"{name}-e2e"
+            entry = {
+                "type": "kafka",
+                "timeout": PUMP_TIMEOUT_S,
+                "meta": {**meta, "topic": e2e_topic},
+            }
+            # One client asks for the topic's size the whole run (a new one per poll costs CPU
+            # the worker would use).
+            counter = Consumer({"bootstrap.servers": bootstrap, **client, "group.id": name})
+
+            def produced() -> int:
+                try:
+                    partitions = counter.list_topics(e2e_topic, timeout=5).topics[e2e_topic]
+                    spans = [
+                        counter.get_watermark_offsets(TopicPartition(e2e_topic, p), timeout=5)
+                        for p in partitions.partitions
+                    ]
+                except KafkaException:
+                    return 0
+                return sum(high - low for low, high in spans)
+
+            try:
+                row = end_to_end(args, "kafka", entry, records, produced)
+            finally:
+                counter.close()
+            if row is not None:
+                rows.append(row)
+    finally:
+        if server is not None:
+            server.stop()
+        folder.cleanup()
     return rows
 
 
@@ -675,7 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=DEFAULT_RECORDS)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE_RECORDS)
     parser.add_argument(
-        "--stores", default="mongo,mongo-aggregate,elasticsearch,influx,syslog,prometheus"
+        "--stores", default="mongo,mongo-aggregate,elasticsearch,kafka,influx,syslog,prometheus"
     )
     parser.add_argument(
         "--mongo-uri", default=os.environ.get("MONGO_URI", "mongodb://127.0.0.1:27017")
@@ -685,6 +776,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--influx-url",
         default=os.environ.get("INFLUX_URL", ""),
         help="an InfluxDB 1.x to use; default: influxd started on free ports for the run",
+    )
+    parser.add_argument(
+        "--kafka-bootstrap",
+        default=os.environ.get("KAFKA_BOOTSTRAP", ""),
+        help="host:port of a Kafka broker (default: start a Kafka 0.9 broker for the run)",
+    )
+    parser.add_argument(
+        "--kafka-broker-version",
+        default=os.environ.get("KAFKA_BROKER_VERSION", ""),
+        help="the broker's version when older than 0.10 (e.g. 0.9.0)",
     )
     parser.add_argument("--skip-e2e", action="store_true", help="no Celery end-to-end runs")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_WORKER_CONCURRENCY)
@@ -702,6 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "syslog": bench_syslog,
         "prometheus": bench_prometheus,
         "influx": bench_influx,
+        "kafka": bench_kafka,
     }
     rows: list[Row] = []
     for store in args.stores.split(","):

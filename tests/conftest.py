@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from tests.servers_influx import influx_database, influx_server
+from tests.servers_kafka import kafka_server
 from tests.servers_prometheus import prometheus_server
 from tests.servers_syslog import rsyslog
 from tests.stores import es_url, mongo_db, mongo_uri
@@ -30,6 +31,7 @@ __all__ = [
     "es_url",
     "influx_database",
     "influx_server",
+    "kafka_server",
     "mongo_db",
     "mongo_uri",
     "prometheus_server",

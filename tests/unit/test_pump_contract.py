@@ -277,9 +277,12 @@ class TestInfluxPump(PumpContract):
 
 
 def test_every_builtin_pump_runs_the_contract() -> None:
+    # Imported here, not at the top, so pytest does not collect its contract twice.
+    from tests.integration.test_kafka_pump import TestKafkaPump
+
     tested = {TestCsvPump, TestStdoutPump, TestMemoryPump, TestDummyPump, TestMongoPump}
     tested |= {TestMongoAggregatePump, TestElasticsearchPump, TestPrometheusPump, TestInfluxPump}
-    tested |= {test_syslog_pump.TestSyslogPump}
+    tested |= {test_syslog_pump.TestSyslogPump, TestKafkaPump}
     assert {case.pump_type for case in tested} == set(BUILTIN_PUMPS)
 
 
