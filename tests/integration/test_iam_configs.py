@@ -13,15 +13,30 @@ import os
 import sys
 import time
 import urllib.request
+import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pymongo
 import pytest
+import yaml
+from elasticsearch import Elasticsearch
 
 from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
-from tests.support import REPO, Proc, RedisServer, free_port, wait_until
+from tests.servers_influx import InfluxServer
+from tests.servers_kafka import BROKER_VERSION, KafkaServer, read_topic
+from tests.servers_syslog import Rsyslog, new_tag
+from tests.support import (
+    REPO,
+    Proc,
+    RedisServer,
+    celery_env,
+    free_port,
+    read_csv_rows,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -118,4 +133,139 @@ def test_iams_production_config_runs_unchanged(
     finally:
         mongo.drop_database(database)
         mongo.close()
+        server.stop()
+
+
+def test_a_config_naming_all_eight_iam_pump_types_runs(
+    tmp_path: Path,
+    mongo_uri: str,
+    es_url: str,
+    kafka_server: KafkaServer,
+    influx_server: InfluxServer,
+    influx_database: str,
+    rsyslog: Rsyslog,
+    procs: list[Proc],
+) -> None:
+    """iam's eight types, each entry's type taken from its key as iam does, every real server."""
+    server = RedisServer(tmp_path / "redis")
+    run = f"all{uuid.uuid4().hex[:8]}"
+    health_address = f"127.0.0.1:{free_port()}"
+    prometheus_address = f"127.0.0.1:{free_port()}"
+    tag = new_tag()
+    config = {
+        "purge-delay": 1,
+        "health-check-address": health_address,
+        "redis": {"host": "127.0.0.1", "port": server.port},
+        "pumps": {
+            "csv": {"meta": {"csv_dir": str(tmp_path / "csv")}},
+            "mongo": {
+                "meta": {
+                    "mongo_url": f"{mongo_uri.rstrip('/')}/{run}",
+                    "collection_name": "iam_analytics",
+                }
+            },
+            "elasticsearch": {"meta": {"elasticsearch_url": es_url, "index_name": run}},
+            "kafka": {
+                "meta": {
+                    "broker": [kafka_server.bootstrap],
+                    "topic": run,
+                    "broker_version": BROKER_VERSION,
+                    "meta_data": {"source": "all-eight"},
+                }
+            },
+            "influx": {
+                "meta": {
+                    "database_name": influx_database,
+                    "address": influx_server.url,
+                    "tags": ["effect"],
+                }
+            },
+            "prometheus": {"meta": {"listen_address": prometheus_address}},
+            "syslog": {
+                "meta": {
+                    "transport": "tcp",
+                    "network_addr": f"127.0.0.1:{rsyslog.tcp_port}",
+                    "log_level": 134,
+                    "tag": tag,
+                }
+            },
+            "dummy": {},
+        },
+    }
+    path = tmp_path / "all-eight.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    mongo: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        mongo_uri, serverSelectionTimeoutMS=5000
+    )
+    elasticsearch = Elasticsearch(es_url, request_timeout=30)
+    try:
+        pump = start_pump(path, celery_env(path), tmp_path / "run.log")
+        procs.append(pump)
+        pump.wait_for_output("ready.", 120)
+        assert wait_until(lambda: health(health_address)[0] == 200, 60), health(health_address)
+        checks = health(health_address)[1]["checks"]
+        assert {name for name, state in checks.items() if state == "ok"} >= {
+            f"pump:{name}" for name in config["pumps"]
+        }, checks
+
+        ship(path, run, RECORDS)
+        wanted = {f"{run}-{index}" for index in range(RECORDS)}
+
+        def prometheus_total() -> float:
+            with urllib.request.urlopen(f"http://{prometheus_address}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            return sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("iam_user_authorization_status_total{")
+            )
+
+        def es_requests() -> list[str]:
+            if not elasticsearch.indices.exists(index=run):
+                return []
+            elasticsearch.indices.refresh(index=run)
+            found = elasticsearch.search(index=run, size=RECORDS + 100, source=["request"])
+            return [hit["_source"]["request"] for hit in found["hits"]["hits"]]
+
+        found: dict[str, Callable[[], list[str]]] = {
+            "csv": lambda: [row["Request"] for row in read_csv_rows(tmp_path / "csv")],
+            "mongo": lambda: [
+                doc["request"] for doc in mongo[run]["iam_analytics"].find({}, {"request": 1})
+            ],
+            "elasticsearch": es_requests,
+            "kafka": lambda: [
+                value["request"] for _key, value in read_topic(kafka_server.bootstrap, run)
+            ],
+            "influx": lambda: [
+                point["request"]
+                for point in influx_server.client(influx_database)
+                .query('SELECT "request" FROM "analytics"')
+                .get_points()
+            ],
+            "syslog": lambda: [
+                str(line.record()["request"])
+                for line in rsyslog.lines(tag)
+                if line.record() is not None
+            ],
+        }
+        for name, read in found.items():
+            assert wait_until(lambda read=read: len(set(read())) >= RECORDS, 120), (
+                name,
+                len(set(read())),
+                pump.output()[-3000:],
+            )
+        rsyslog.settle(tag)
+        for name, read in found.items():
+            requests = read()
+            assert set(requests) == wanted, name
+            if name != "kafka" and name != "syslog":  # at-least-once sinks may hold copies
+                assert len(requests) == RECORDS, (name, len(requests))
+        assert wait_until(lambda: prometheus_total() == RECORDS, 30), prometheus_total()
+        assert "pump dummy: writing" in pump.output()  # the dummy pump's log line, as iam's
+    finally:
+        mongo.drop_database(run)
+        mongo.close()
+        if elasticsearch.indices.exists(index=run):
+            elasticsearch.indices.delete(index=run)
+        elasticsearch.close()
         server.stop()
