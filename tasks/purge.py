@@ -43,7 +43,7 @@ from app.celery_app import app
 from app.codec import encode_go_envelope
 from app.config import IAM_LOCK_KEY
 from app.messages import PURGE_TASK
-from app.stores.clients import same_server
+from app.stores.clients import context_database, same_server
 from app.stores.locks import RedisLock
 from app.stores.stats import Counter
 from app.stores.values import as_bytes, as_text
@@ -171,8 +171,8 @@ def _held(lock: RedisLock) -> Iterator[bool]:
 
 def _database_zero(client: redis.Redis) -> redis.Redis:
     # iam's lock client connects without selecting a database: the lock lives in database 0 of
-    # the server that holds the list, whatever database the list is in.
-    if client.connection_pool.connection_kwargs.get("db", 0) == 0:
+    # the server that holds the list, whatever database the list is in (a cluster has only 0).
+    if context_database(client) == 0:
         return client
     return same_server(client, db=0)
 
