@@ -34,6 +34,14 @@ class _Servers:
         base = [f"port {port}", "bind 127.0.0.1", f"dir {self.directory}", 'save ""']
         base += [] if sentinel else ["appendonly no"]
         conf.write_text("\n".join(base + lines) + "\n", encoding="utf-8")
+        self._run(port, sentinel=sentinel)
+
+    def restart(self, port: int) -> None:
+        """Start a killed server again from its config file (empty: nothing is persisted)."""
+        self._run(port, sentinel=False)
+
+    def _run(self, port: int, *, sentinel: bool) -> None:
+        conf = self.directory / f"{port}.conf"
         args = ["redis-server", str(conf)] + (["--sentinel"] if sentinel else [])
         log = (self.directory / f"{port}.log").open("ab")
         self.procs[port] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
