@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
 import redis
 
 from tests.support import free_port, wait_until
+
+#: A cluster node's bus port is its port plus this.
+CLUSTER_BUS_OFFSET = 10_000
 
 
 def binaries_present() -> bool:
@@ -63,6 +67,23 @@ class _Servers:
             self.kill(port)
 
 
+def _cluster_port() -> int:
+    # A cluster node also listens on its port + 10000 (the cluster bus): both must be free.
+    while True:
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET <= 65535 and port_free(port + CLUSTER_BUS_OFFSET):
+            return port
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def _answers(port: int) -> bool:
     with contextlib.closing(redis.Redis(port=port, socket_timeout=1)) as client:
         try:
@@ -76,7 +97,11 @@ class OwnCluster(_Servers):
 
     def __init__(self, directory: Path, *, masters: int = 3) -> None:
         super().__init__(directory)
-        self.ports = [free_port() for _ in range(masters)]
+        self.ports: list[int] = []
+        while len(self.ports) < masters:
+            port = _cluster_port()
+            if port not in self.ports:
+                self.ports.append(port)
         try:
             for port in self.ports:
                 self.start(

@@ -228,3 +228,38 @@ def wait_until_true(predicate: Any, *, timeout_s: float) -> bool:
             pass
         time.sleep(0.2)
     return bool(predicate())
+
+
+def test_copies_of_a_client_reach_the_same_cluster_or_master(
+    tmp_path: Path, cluster: OwnCluster, sentinels: OwnSentinels
+) -> None:
+    # The health checks' bounded client and the purge's database-0 client for iam's lock.
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from app.stores.clients import context_database, same_server
+
+    on_cluster = load_settings(_config(tmp_path, {"enable-cluster": True, "addrs": cluster.addrs}))
+    client = redis_client(on_cluster)
+    copy = same_server(client, socket_timeout=1, retry=Retry(NoBackoff(), 0), db=0)
+    for index in range(20):  # keys all over the slots: the copy knows the whole cluster
+        copy.set(f"probe:{index}", index)
+        assert client.get(f"probe:{index}") == str(index).encode()
+    assert context_database(client) == 0
+    copy.close()
+    client.close()
+
+    block = {"master-name": OwnSentinels.MASTER_NAME, "addrs": sentinels.addrs, "database": 3}
+    behind = load_settings(_config(tmp_path, block))
+    client = redis_client(behind)
+    assert context_database(client) == 3
+    zero = same_server(client, db=0)
+    zero.set("iam-pump", "token")
+    with redis.Redis(port=sentinels.master()) as master:
+        assert master.get("iam-pump") == b"token"
+        assert master.execute_command("SELECT", 3) and master.get("iam-pump") is None
+    client.set("in-three", 1)
+    with redis.Redis(port=sentinels.master(), db=3) as master:
+        assert master.get("in-three") == b"1"
+    zero.close()
+    client.close()
