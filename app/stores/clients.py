@@ -66,9 +66,23 @@ def config_client(config: RedisConfig) -> redis.Redis:
             **login,
             **socket,
         )
-        master = sentinel.master_for(config.master_name, max_connections=max_connections)  # type: ignore[no-untyped-call]
+        master = sentinel.master_for(  # type: ignore[no-untyped-call]
+            config.master_name, redis_class=SentinelMaster, max_connections=max_connections
+        )
         return cast(redis.Redis, master)
     return _from_url(config.url, config)
+
+
+class SentinelMaster(redis.Redis):
+    """A client for the master Sentinel names, whose ``close`` also closes the connections to
+    the sentinels (redis-py leaves them open; they reconnect if the client is used again)."""
+
+    def close(self) -> None:
+        super().close()
+        pool = self.connection_pool
+        if isinstance(pool, SentinelConnectionPool):
+            for sentinel in pool.sentinel_manager.sentinels:
+                sentinel.close()
 
 
 def broker_redis_client(settings: Settings) -> redis.Redis | None:
@@ -115,7 +129,10 @@ def same_server(
     pool = client.connection_pool
     if isinstance(pool, SentinelConnectionPool):
         master = pool.sentinel_manager.master_for(
-            pool.service_name, max_connections=max_connections, **changes
+            pool.service_name,
+            redis_class=SentinelMaster,
+            max_connections=max_connections,
+            **changes,
         )
         return cast(redis.Redis, master)
     kwargs = {**pool.connection_kwargs, **changes}

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -27,7 +28,9 @@ from tests.faults.helpers import await_delivery, make_records, report, requests_
 from tests.redis_topologies import OwnCluster, OwnSentinels, binaries_present
 from tests.support import (
     REDIS_HOST,
+    REDIS_PASSWORD,
     REDIS_PORT,
+    REDIS_USERNAME,
     TEST_REDIS_DB,
     Proc,
     base_config,
@@ -58,7 +61,9 @@ def sentinels(tmp_path: Path) -> Iterator[OwnSentinels]:
 
 def _config(tmp_path: Path, redis_block: dict[str, Any], **extra: Any) -> Path:
     config = base_config(tmp_path)
-    config["broker-url"] = f"redis://{REDIS_HOST}:{REDIS_PORT}/{TEST_REDIS_DB}"
+    # The tests' own Redis is the broker, with its login (the least-privilege suite sets one).
+    login = f"{quote(REDIS_USERNAME)}:{quote(REDIS_PASSWORD)}@" if REDIS_PASSWORD else ""
+    config["broker-url"] = f"redis://{login}{REDIS_HOST}:{REDIS_PORT}/{TEST_REDIS_DB}"
     config["redis"] = redis_block
     config.update(extra)
     return write_config(tmp_path / "iam-pump.yaml", config)
