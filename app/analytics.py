@@ -168,7 +168,9 @@ class Analytics:
 
     def _make_transport(self) -> Transport:
         if self.options.transport == "redis-list":
-            return RedisListTransport(self.options.redis_url, self.options.analytics_key)
+            return RedisListTransport(
+                self.options.redis_url, self.options.analytics_key, config=self.options.redis
+            )
         return CeleryTransport(self.options.broker_url, key_prefix=self.options.key_prefix)
 
     def stop(self, *, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> AnalyticsStats:

@@ -13,6 +13,7 @@ from app.config import (
     DEFAULT_KEY_PREFIX,
     DEFAULT_POOL_SIZE,
     DEFAULT_RECORDS_BUFFER_SIZE,
+    RedisConfig,
     Settings,
     load_settings,
 )
@@ -38,6 +39,9 @@ class AnalyticsOptions:
     analytics_key: str = "analytics-iam-system-analytics"
     #: Prefix of the keys that hold envelopes on a Redis broker (the pump's ``key-prefix``).
     key_prefix: str = DEFAULT_KEY_PREFIX
+    #: The ``redis:`` block, when it names a Redis Cluster or a master behind Sentinel: the
+    #: ``redis-list`` transport then pushes there (``redis_url`` names one server only).
+    redis: RedisConfig | None = None
 
     def __post_init__(self) -> None:
         if self.pool_size < 1:
@@ -63,6 +67,7 @@ class AnalyticsOptions:
             redis_url=settings.redis.url,
             analytics_key=settings.analytics_key,
             key_prefix=settings.key_prefix,
+            redis=settings.redis if settings.redis.mode != "single" else None,
         )
 
     @classmethod

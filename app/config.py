@@ -29,12 +29,14 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from app.config_env import annotate, apply_env_overrides
 from app.config_model import ConfigModel as _Model
 from app.config_model import kebab as _kebab
 from app.config_redis import RedisConfig as RedisConfig
+from app.config_redis import cluster_key_prefix
 from app.config_text import (
     check_tree,
     expand_env,
@@ -250,6 +252,28 @@ class Settings(_Model):
             urlsplit(value).port  # noqa: B018 - raises ValueError on a URL kombu cannot read
         return value
 
+    @model_validator(mode="after")
+    def _redis_mode(self) -> Settings:
+        mode = self.redis.mode
+        if mode != "single" and self.broker_url is None:
+            which = "redis.enable-cluster" if mode == "cluster" else "redis.master-name"
+            raise ValueError(
+                f"broker-url: required with {which}: Celery's Redis transport talks to one "
+                f"server; name an ordinary Redis (redis://...) or RabbitMQ (amqp://...)"
+            )
+        if mode == "cluster":
+            cluster_key_prefix(self.key_prefix, self.analytics_key)
+        return self
+
+    @property
+    def redis_key_prefix(self) -> str:
+        """The prefix of our Redis keys: ``key-prefix``, and on a Redis Cluster with the hash tag
+        of ``analytics-key`` in front, so every key of ours shares the slot of iam's list
+        (:func:`app.config_redis.cluster_key_prefix`)."""
+        if self.redis.mode == "cluster":
+            return cluster_key_prefix(self.key_prefix, self.analytics_key)
+        return self.key_prefix
+
     @property
     def broker(self) -> str:
         """The Celery broker URL: ``broker-url`` or the ``redis:`` server."""
@@ -331,8 +355,8 @@ class Settings(_Model):
         return sorted(ignored)
 
     def key(self, *parts: str) -> str:
-        """A Redis key of ours, under ``key-prefix``."""
-        return ":".join((self.key_prefix, *parts))
+        """A Redis key of ours, under ``key-prefix`` (:attr:`redis_key_prefix`)."""
+        return ":".join((self.redis_key_prefix, *parts))
 
 
 def default_config_text() -> str:

@@ -7,15 +7,28 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Literal
 from urllib.parse import quote, urlencode, urlsplit
 
 from pydantic import Field, model_validator
+from redis.crc import key_slot
 
 from app.config_model import ConfigModel
+from app.config_text import mask_url
+
+#: How the ``redis:`` block reaches Redis: one server, a Redis Cluster, or a master via Sentinel.
+RedisMode = Literal["single", "cluster", "sentinel"]
 
 
 class RedisConfig(ConfigModel):
-    """iam's ``redis:`` block. ``host`` may carry a port (``127.0.0.1:6379``)."""
+    """iam's ``redis:`` block. ``host`` may carry a port (``127.0.0.1:6379``).
+
+    As in iam: ``master-name`` set, ``addrs`` (else ``host``/``port``) are the sentinels watching
+    that master; ``enable-cluster: true``, they are start-up nodes of a Redis Cluster; else one
+    server (the first of ``addrs``, else ``host``/``port``). ``username``/``password`` log in to
+    the server, the cluster's nodes, or the master (and its replicas): the sentinels are asked
+    without a login, as iam's go-redis does.
+    """
 
     host: str = "127.0.0.1"
     port: int = Field(default=6379, ge=1, le=65535)
@@ -58,37 +71,73 @@ class RedisConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _supported(self) -> RedisConfig:
-        if self.enable_cluster:
+        if self.enable_cluster and self.master_name:
             raise ValueError(
-                "enable-cluster: Redis Cluster is not supported; point host at one node"
+                "enable-cluster and master-name: choose one (a Redis Cluster, or a master "
+                "watched by Sentinel)"
             )
-        if self.master_name:
-            raise ValueError("master-name: Redis Sentinel is not supported; use broker-url")
-        if len(self.addrs) > 1:
-            raise ValueError("addrs: only one address is supported")
+        mode = self.mode
+        if mode == "cluster" and self.database != 0:
+            raise ValueError(
+                f"database: a Redis Cluster has only database 0 (got {self.database}); "
+                "leave it out with enable-cluster: true"
+            )
+        if mode != "single" and self.use_ssl:
+            which = "enable-cluster" if mode == "cluster" else "master-name"
+            raise ValueError(f"use-ssl: TLS is supported with one server only, not with {which}")
+        if mode == "single" and len(self.addrs) > 1:
+            raise ValueError(
+                "addrs: several addresses need enable-cluster: true (cluster nodes) or "
+                "master-name (sentinels); for one server give one address"
+            )
+        key = "addrs" if self.addrs else "host"
+        for text in self.addrs or (self.host,):
+            port = text.partition(":")[2] if text.count(":") == 1 else str(self.port)
+            if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{key}: bad port in {text!r:.80}")
         # The address must make a URL that redis-py and kombu can read back.
-        key, text = ("addrs", self.addrs[0]) if self.addrs else ("host", self.host)
-        port = text.partition(":")[2] if text.count(":") == 1 else str(self.port)
-        if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
-            raise ValueError(f"{key}: bad port in {text!r:.80}")
         try:
             urlsplit(self.url).port  # noqa: B018 - parsing is the check
         except ValueError as exc:
+            text = self.addrs[0] if self.addrs else self.host
             raise ValueError(f"{key}: {text!r:.80} makes no valid URL ({exc})") from None
         return self
 
     @property
+    def mode(self) -> RedisMode:
+        """``cluster`` (``enable-cluster``), ``sentinel`` (``master-name``) or ``single``."""
+        if self.master_name:
+            return "sentinel"
+        return "cluster" if self.enable_cluster else "single"
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        """Every (host, port) of ``addrs``, else ``host`` (with an optional port) and ``port``,
+        as iam reads them: one server, the cluster's start-up nodes, or the sentinels."""
+        texts = self.addrs or (self.host,)
+        return tuple(_host_port(text, self.port) for text in texts)
+
+    @property
     def address(self) -> tuple[str, int]:
-        """The (host, port) pair, from ``addrs``, or from ``host`` with an optional port."""
-        text = self.addrs[0] if self.addrs else self.host
-        if text.count(":") == 1:
-            name, _, port = text.partition(":")
-            return name, int(port)
-        return text, self.port
+        """The (host, port) pair of the first address (the server, for one server)."""
+        return self.addresses[0]
+
+    def describe(self) -> str:
+        """Where the ``redis:`` block points, for messages (no password)."""
+        where = ",".join(f"{host}:{port}" for host, port in self.addresses)
+        if self.mode == "cluster":
+            return f"Redis Cluster via {where}"
+        if self.mode == "sentinel":
+            return f"master {self.master_name!r} of the sentinels {where}"
+        return mask_url(self.url)
 
     @property
     def url(self) -> str:
-        """A redis:// (or rediss://) URL for this server, usable by redis-py and kombu."""
+        """A redis:// (or rediss://) URL for one server, usable by redis-py and kombu.
+
+        Only for ``mode == "single"``: with a cluster or sentinels it is the first address's,
+        which names no server of ours; build clients with :mod:`app.stores.clients`.
+        """
         host, port = self.address
         scheme = "rediss" if self.use_ssl else "redis"
         auth = ""
@@ -113,3 +162,46 @@ class RedisConfig(ConfigModel):
             if path:
                 options[name] = os.path.abspath(path)
         return options
+
+
+def _host_port(text: str, default_port: int) -> tuple[str, int]:
+    # "host:port", or a bare host with the default port (an IPv6 address has several colons).
+    if text.count(":") == 1:
+        name, _, port = text.partition(":")
+        return name, int(port)
+    return text, default_port
+
+
+def hash_tag(key: str) -> str:
+    """What Redis Cluster hashes of ``key``: the text of its first ``{...}`` if not empty,
+    else the whole key."""
+    start = key.find("{")
+    if start != -1:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+def cluster_key_prefix(key_prefix: str, analytics_key: str) -> str:
+    """Our key prefix on a Redis Cluster: every key of ours in the hash slot of iam's list.
+
+    The purge trims the list and advances its offset in one script, which a cluster runs only
+    when all its keys share a slot; the list's name is iam's, so our keys follow it. A prefix
+    without a hash tag gets the list's in front (``{analytics-iam-system-analytics}iam-pump``);
+    one with its own tag must land in the list's slot. Raises ``ValueError`` naming the key.
+    """
+    tag = hash_tag(analytics_key)
+    prefixed = key_prefix if "{" in key_prefix else f"{{{tag}}}{key_prefix}"
+    if key_slot(f"{prefixed}:x".encode()) != key_slot(analytics_key.encode()):
+        if "{" in key_prefix:
+            raise ValueError(
+                f"key-prefix: on a Redis Cluster our keys must share the hash slot of "
+                f"analytics-key; {key_prefix!r} does not: leave the braces out (iam-pump puts "
+                f"{{{tag}}} in front) or use {{{tag}}}"
+            )
+        raise ValueError(
+            f"analytics-key: {analytics_key!r} cannot be matched by a hash tag on a Redis "
+            f"Cluster; give it one, like {{iam}}analytics"
+        )
+    return prefixed

@@ -18,6 +18,7 @@ from app.analytics import Analytics, AnalyticsOptions
 from app.codec import encode_go_record
 from app.config import Settings
 from app.record import AnalyticsRecord
+from app.stores.clients import redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class DemoProducer:
         self.settings = settings
         self.rate_per_s = rate_per_s
         self.analytics = Analytics(AnalyticsOptions.from_settings(settings))
-        self._redis = redis.Redis.from_url(settings.redis.url, socket_connect_timeout=2)
+        self._redis = redis_client(settings)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="demo-producer", daemon=True)
         self.produced = 0

@@ -80,8 +80,10 @@ def celery_channels(database: int) -> tuple[str, ...]:
 
 
 def key_patterns(settings: Settings) -> tuple[str, ...]:
-    """Our keys, iam's list and lock and, with a Redis broker, Celery's keys."""
-    own = (f"{settings.key_prefix}:*", settings.analytics_key, IAM_LOCK_KEY)
+    """Our keys (on a Redis Cluster with their hash tag, and as they are on the broker), iam's
+    list and lock and, with a Redis broker, Celery's keys."""
+    prefixes = dict.fromkeys((settings.redis_key_prefix, settings.key_prefix))
+    own = (*(f"{prefix}:*" for prefix in prefixes), settings.analytics_key, IAM_LOCK_KEY)
     return own + (CELERY_KEY_PATTERNS if broker_is_redis(settings.broker) else ())
 
 

@@ -17,10 +17,11 @@ import redis
 from celery import Celery
 
 from app.codec import encode_envelope, encode_go_row
-from app.config import broker_is_redis
+from app.config import RedisConfig, broker_is_redis
 from app.errors import ShipError
 from app.messages import Sender
 from app.stores.batches import EnvelopeStore
+from app.stores.clients import config_client
 
 #: What msgpack raises for a value it cannot encode; a transport lets these through, unwrapped,
 #: so the reporter can set the offending record aside.
@@ -102,9 +103,11 @@ def _redis_client(url: str) -> redis.Redis:
 class RedisListTransport:
     """RPUSHes records to iam's list, byte-compatible with iam-authz-server."""
 
-    def __init__(self, redis_url: str, key: str) -> None:
+    def __init__(self, redis_url: str, key: str, *, config: RedisConfig | None = None) -> None:
+        """Push to ``key`` on ``redis_url``, or, given a ``redis:`` block that names a Redis
+        Cluster or a master behind Sentinel, there."""
         self._key = key
-        self._redis = _redis_client(redis_url)
+        self._redis = config_client(config) if config is not None else _redis_client(redis_url)
 
     def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None:
         items = [encode_go_row(row) for row in rows]

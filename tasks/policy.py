@@ -32,6 +32,7 @@ import redis
 from celery import Task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
+from redis.exceptions import RedisClusterException
 
 from app.backoff import backoff_s
 from app.messages import BatchRef
@@ -188,7 +189,9 @@ def puts_back_on_trouble(body: Callable[P, R]) -> Callable[P, R]:
         assert isinstance(task, DeliveryTask)
         try:
             return body(*args, **kwargs)
-        except (redis.RedisError, OperationalError) as exc:
+        except (redis.RedisError, RedisClusterException, OperationalError) as exc:
+            # RedisClusterException: a Redis Cluster whose slots are moving or not all served
+            # (a failover under way), which redis-py does not count as a RedisError.
             # OperationalError: kombu could not publish a follow-up task (a broker that is
             # away, or a Redis broker that is full): the batch must not be taken for done.
             logger.warning("%s: Redis unavailable (%s); batch put back", task.name, exc)

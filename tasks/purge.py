@@ -17,19 +17,25 @@ Go pump left behind. Our own lock stays: it keeps two of our runs from taking tu
 and expires after ``delivery.purge-lock-ttl-s`` whatever iam's lock does.
 
 1. read the head chunk with ``LRANGE`` (nothing is removed yet);
-2. enqueue it as one ingest task whose batch id is ``<epoch>-<offset>``, the offset being how many
-   records were ever removed from the list: the same chunk always gets the same id;
+2. enqueue it as one ingest task whose batch id is ``<epoch>-<offset>-<digest>``, the offset being
+   how many records were ever removed from the list and the digest a hash of the chunk's bytes:
+   the same chunk always gets the same id, and other records never get the id of a chunk already
+   delivered (a list that grew between a failed trim and the next read, or a Redis whose last
+   writes were rolled back by a Sentinel failover, can put other records at the same offset);
 3. only then remove it: iam's lock is extended if still ours (it then cannot lapse before the
    trim), and one script checks our lock is still ours, ``LTRIM``s the chunk and advances the
    offset atomically; iam's lock is released.
 
 A crash before step 3 leaves the chunk in the list; the next run enqueues it again under the same
-batch id, and ingest, which remembers which pumps got that batch, does not deliver it twice.
+batch id, and ingest, which remembers which pumps got that batch, does not deliver it twice (if
+the list grew meanwhile, the longer chunk is another batch: its first records are delivered
+twice, none is lost).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
@@ -43,7 +49,7 @@ from app.celery_app import app
 from app.codec import encode_go_envelope
 from app.config import IAM_LOCK_KEY
 from app.messages import PURGE_TASK
-from app.stores.clients import same_server
+from app.stores.clients import context_database, same_server
 from app.stores.locks import RedisLock
 from app.stores.stats import Counter
 from app.stores.values import as_bytes, as_text
@@ -53,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 #: Longest a single purge run drains before it lets the next scheduled run take over.
 PURGE_RUN_BUDGET_S = 30.0
+#: Bytes of the chunk digest in a batch id (hex: twice as many characters).
+DIGEST_BYTES = 6
 #: How long a chunk waits for a Go iam-pump to give its lock up before the run stops.
 IAM_LOCK_WAIT_S = 2.0
 
@@ -138,7 +146,7 @@ def _drain_chunks(
                 chunk = client.lrange(keys[1], 0, settings.delivery.purge_chunk_size - 1)
                 if not chunk:
                     return
-                batch_id = f"{epoch}-{offset}"
+                batch_id = f"{epoch}-{offset}-{chunk_digest(chunk)}"
                 envelope = encode_go_envelope(batch_id, [as_bytes(item) for item in chunk])
                 context.sender.send_ingest(context.sender.envelope_ref(batch_id, envelope))
                 if not iam_lock.extend() or not trim(
@@ -171,14 +179,25 @@ def _held(lock: RedisLock) -> Iterator[bool]:
 
 def _database_zero(client: redis.Redis) -> redis.Redis:
     # iam's lock client connects without selecting a database: the lock lives in database 0 of
-    # the server that holds the list, whatever database the list is in.
-    if client.connection_pool.connection_kwargs.get("db", 0) == 0:
+    # the server that holds the list, whatever database the list is in (a cluster has only 0).
+    if context_database(client) == 0:
         return client
     return same_server(client, db=0)
 
 
+def chunk_digest(chunk: list[Any]) -> str:
+    """A short hash of a chunk's items, in order (each length-prefixed, so items cannot run
+    into each other): the part of a batch id that tells two chunks at one offset apart."""
+    digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    for item in chunk:
+        raw = as_bytes(item)
+        digest.update(len(raw).to_bytes(8, "big"))
+        digest.update(raw)
+    return digest.hexdigest()
+
+
 def _epoch(context: WorkerContext) -> str:
-    # Batch ids are <epoch>-<offset>; the epoch is fixed the first time the list is purged.
+    # Batch ids are <epoch>-<offset>-<digest>; the epoch is fixed the first time the list is purged.
     epoch_key = context.settings.key("purge", "epoch")
     context.redis.set(epoch_key, uuid.uuid4().hex[:12], nx=True)
     epoch = context.redis.get(epoch_key)

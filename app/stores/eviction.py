@@ -19,8 +19,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import redis
+from redis.cluster import RedisCluster
 
 from app.config import Settings
 
@@ -77,6 +79,8 @@ def judge(server: str, policy: str, maxmemory: int, *, allow_evicting: bool = Fa
 def check_server(server: str, client: redis.Redis, *, allow_evicting: bool = False) -> Finding:
     """Read one server's eviction settings and judge them; a refused or failed ``CONFIG GET``
     gives a warning that the policy could not be checked."""
+    if isinstance(client, RedisCluster):
+        return _check_cluster(server, client, allow_evicting=allow_evicting)
     try:
         # One round trip, one pattern (Redis before 7 takes only one).
         answer = client.config_get("maxmemory*")
@@ -94,6 +98,36 @@ def check_server(server: str, client: redis.Redis, *, allow_evicting: bool = Fal
             f"{server}: CONFIG GET did not tell its maxmemory-policy; make sure it is {NOEVICTION}",
         )
     return judge(server, str(policy), int(maxmemory), allow_evicting=allow_evicting)
+
+
+def _check_cluster(server: str, client: RedisCluster, *, allow_evicting: bool) -> Finding:
+    # Every master of a Redis Cluster, judged one by one; the worst verdict speaks for all.
+    try:
+        # Several masters answer {node: {name: value}}; redis-py's hint knows one answer only.
+        answers = cast(
+            dict[str, Any], client.config_get("maxmemory*", target_nodes=RedisCluster.PRIMARIES)
+        )
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        return Finding(
+            server,
+            Verdict.WARN,
+            f"{server}: could not check its maxmemory-policy ({exc}); make sure it is {NOEVICTION}",
+        )
+    if answers and "maxmemory" in answers:  # one master answered for itself
+        answers = {server: answers}
+    findings = []
+    for node, answer in sorted(answers.items()):
+        policy, maxmemory = answer.get("maxmemory-policy"), answer.get("maxmemory")
+        name = f"{server}, node {node}"
+        if policy is None or maxmemory is None:
+            findings.append(
+                Finding(name, Verdict.WARN, f"{name}: CONFIG GET did not tell its maxmemory-policy")
+            )
+        else:
+            findings.append(judge(name, str(policy), int(maxmemory), allow_evicting=allow_evicting))
+    order = [Verdict.REFUSE, Verdict.WARN, Verdict.OK]
+    worst = min(findings, key=lambda finding: order.index(finding.verdict))
+    return Finding(server, worst.verdict, worst.message)
 
 
 def check_servers(settings: Settings, servers: Sequence[tuple[str, redis.Redis]]) -> list[Finding]:

@@ -88,3 +88,40 @@ def test_two_beats_and_two_workers_purge_without_double_delivery(
     assert lost == 0 and duplicated == 0
     assert int(faults_db.get("iam-pump:purge:offset") or 0) == 20_000
     assert faults_db.connection_pool.connection_kwargs["db"] == FAULTS_REDIS_DB
+
+
+def test_a_chunk_that_grew_after_a_crash_is_a_new_batch_and_loses_nothing(
+    tmp_path: Path, broker: str, faults_db: redis.Redis, procs: list[Proc]
+) -> None:
+    # The first purge reads 300 records (a chunk holds 500), enqueues them and dies before the
+    # trim; iam goes on pushing. The next purge reads 500 at the same offset: not the batch
+    # already delivered (whose id it would share without the chunk's digest), so the 200 new
+    # records are delivered too, and only the first 300 twice.
+    config = write_config(
+        tmp_path / "c.yaml",
+        fault_config(
+            tmp_path,
+            broker,
+            delivery={"purge-lock-ttl-s": 3, "iam-lock-ttl-s": 3, "purge-chunk-size": 500},
+        ),
+    )
+    first = push(faults_db, "before", 300)
+    crashed = subprocess.run(
+        [sys.executable, "-m", "tests.faults.purge_crasher", "after-enqueue"],
+        env=celery_env(config),
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+    )
+    assert crashed.returncode == CRASH_EXIT_STATUS, crashed.stderr[-2000:]
+    later = push(faults_db, "after", 300)
+    procs.append(start_worker(config, tmp_path / "w.log"))
+    procs.append(start_beat(config, tmp_path / "beat.log", tmp_path))
+    lost, duplicated, _ = await_delivery(
+        tmp_path / "csv",
+        first | later,
+        timeout_s=90,
+        label=f"chunk grew after a purge crash ({'amqp' if broker else 'redis'})",
+    )
+    assert lost == 0
+    assert duplicated <= len(first)

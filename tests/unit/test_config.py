@@ -132,8 +132,8 @@ def test_every_problem_is_reported_with_its_key_path() -> None:
     assert "pumps.d.type" in found
 
 
-def test_unsupported_redis_modes_are_refused() -> None:
-    assert "redis" in problems("redis: {enable-cluster: true}\n")
+def test_a_cluster_without_a_broker_url_is_refused() -> None:
+    assert "broker-url: required" in problems("redis: {enable-cluster: true}\n")[""]
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
