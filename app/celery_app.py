@@ -16,7 +16,7 @@ import click
 from celery import Celery, signals
 
 from app import kombu_guard
-from app.config import CONFIG_ENV_VAR, Settings, warn_ignored_keys
+from app.config import CONFIG_ENV_VAR, Settings, split_address, warn_ignored_keys
 from app.stores.clients import batch_servers
 from app.stores.eviction import Verdict, check_servers
 from app.worker_context import WorkerContext, close_context, install_context
@@ -30,7 +30,12 @@ logger = logging.getLogger(__name__)
 
 kombu_guard.install()
 
-app = Celery("iam_pump", include=["tasks.ingest", "tasks.purge", "tasks.sweep", "tasks.write"])
+# app.worker_health (the health endpoint of a worker started with --health-address) sits above
+# this module in the floors, so it is named here, not imported: Celery imports it in the worker.
+app = Celery(
+    "iam_pump",
+    include=["tasks.ingest", "tasks.purge", "tasks.sweep", "tasks.write", "app.worker_health"],
+)
 app.config_from_object("celeryconfig")
 
 
@@ -50,6 +55,39 @@ app.user_options["preload"].add(
         help=f"iam-pump YAML config file (default: ${CONFIG_ENV_VAR}, else the embedded default).",
     )
 )
+
+
+#: Where this process serves /livez, /readyz and /metrics (``--health-address``), if anywhere.
+_health_address: tuple[str, int] | None = None
+
+
+def _use_health_address(
+    context: click.Context, parameter: click.Parameter, value: str | None
+) -> str | None:
+    global _health_address
+    if value:
+        try:
+            _health_address = split_address(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+app.user_options["preload"].add(
+    click.Option(
+        ["--health-address"],
+        default=None,
+        metavar="HOST:PORT",
+        expose_value=True,
+        callback=_use_health_address,
+        help="serve /livez, /readyz and /metrics of this worker there (default: none).",
+    )
+)
+
+
+def health_address() -> tuple[str, int] | None:
+    """The ``--health-address`` this process was started with, or None."""
+    return _health_address
 
 
 @signals.user_preload_options.connect
