@@ -41,6 +41,7 @@ from app.stores.clients import same_server
 from app.stores.dead_letters import DeadLetterStore
 from app.stores.ledger import Ledger
 from app.stores.stats import Counter, PumpCounter, Stats, StatsSnapshot
+from app.stores.values import as_bytes
 from pumps.host import PumpHost
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class PumpMetrics(Collector):
             age = 0.0
         else:
             try:
-                timestamp = decode_go_record(raw)[0]
+                timestamp = decode_go_record(as_bytes(raw))[0]
             except MalformedRecordError:  # the purge sets it aside; no age to tell meanwhile
                 return
             age = max(0.0, time.time() - float(timestamp))

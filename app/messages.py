@@ -18,9 +18,9 @@ from __future__ import annotations
 import base64
 import json
 import time
-from datetime import datetime
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import msgpack
