@@ -7,6 +7,7 @@ first configured.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 
 import click
 from celery import Celery, signals
+from celery.worker.consumer import Consumer as CeleryConsumer
 
 from app import kombu_guard
 from app.config import CONFIG_ENV_VAR, Settings, split_address, warn_ignored_keys
@@ -37,6 +39,27 @@ app = Celery(
     include=["tasks.ingest", "tasks.purge", "tasks.sweep", "tasks.write", "app.worker_health"],
 )
 app.config_from_object("celeryconfig")
+
+
+#: Longest pause between two attempts to reach a lost broker (Celery's consumer: up to 30 s).
+#: A worker is back, and ready, within this long of the broker's return; an attempt costs a
+#: TCP connect.
+RECONNECT_INTERVAL_MAX_S = 2.0
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, reconnecting to a lost broker every :data:`RECONNECT_INTERVAL_MAX_S`
+    at most (``worker_consumer`` in celeryconfig), so that readiness follows the broker's return
+    within one probe period however long the outage was."""
+
+    def ensure_connected(self, conn: Any) -> Any:
+        conn.ensure_connection = functools.partial(
+            conn.ensure_connection,
+            interval_start=1.0,
+            interval_step=1.0,
+            interval_max=RECONNECT_INTERVAL_MAX_S,
+        )
+        return super().ensure_connected(conn)
 
 
 def _use_config_file(context: click.Context, parameter: click.Parameter, path: str | None) -> None:

@@ -27,7 +27,7 @@ REPLY_TIMEOUT_S = 1.0
 #: How long to wait for the broker's connection (no retry).
 CONNECT_TIMEOUT_S = 2.0
 #: How long an answer is reused.
-CACHE_S = 5.0
+CACHE_S = 2.0
 #: An answer older than this is not reused while a new question hangs (a broker that stopped
 #: answering mid-question): the census then reports the broker as not answering.
 STALE_S = 3 * CACHE_S
