@@ -83,11 +83,12 @@ class PersistentRedis:
 
 
 class LivenessWatch:
-    """Polls ``/livez`` of each address twice a second from a thread; keeps every non-200."""
+    """Polls ``/livez`` of each address twice a second from a thread; keeps every non-200 with
+    its time (time.monotonic())."""
 
     def __init__(self, addresses: list[str]) -> None:
         self.addresses = addresses
-        self.failures: list[tuple[str, int, dict[str, Any]]] = []
+        self.failures: list[tuple[str, int, dict[str, Any], float]] = []
         self.polls = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -99,7 +100,7 @@ class LivenessWatch:
                 status, body = probe(f"http://{address}/livez")
                 self.polls += 1
                 if status != 200:
-                    self.failures.append((address, status, body))
+                    self.failures.append((address, status, body, time.monotonic()))
 
     def stop(self) -> None:
         self._stop.set()
@@ -149,6 +150,7 @@ def _run_scenario(tmp_path: Path, procs: list[Proc], server: PersistentRedis) ->
         probe(f"http://{a}/readyz") for a in addresses
     ]
     watch = LivenessWatch(addresses)
+    stopped = float("inf")
     try:
         before = make_records("before", 300)
         report(before, config)
@@ -163,7 +165,7 @@ def _run_scenario(tmp_path: Path, procs: list[Proc], server: PersistentRedis) ->
         assert wait_until(lambda: all(redis_named(a) for a in addresses), PROBE_PERIOD_S), [
             probe(f"http://{a}/readyz") for a in addresses
         ]
-        status, body = probe(f"http://{intake_address}/readyz")
+        body = probe(f"http://{intake_address}/readyz")[1]
         assert body["checks"]["redis"].startswith("Redis did not answer"), body
         # Records keep coming while Redis is down: the reporter holds and retries them.
         during = make_records("during", 300)
@@ -215,7 +217,7 @@ def _run_scenario(tmp_path: Path, procs: list[Proc], server: PersistentRedis) ->
     assert watch.polls > 20
     # The stopped csv worker's own /livez stops answering with it; the intake's never failed.
     assert [f for f in watch.failures if f[0] == intake_address] == [], procs[0].output()[-3000:]
-    until_stopped = [f for f in watch.failures if f[0] == csv_address and f[1] != 0]
+    until_stopped = [f for f in watch.failures if f[0] == csv_address and f[3] < stopped]
     assert until_stopped == [], until_stopped
 
 
@@ -241,11 +243,10 @@ def test_a_worker_with_store_pumps_is_ready_when_the_stores_are_up(
         ),
     )
     address = f"127.0.0.1:{free_port()}"
-    procs.append(
-        start_worker(config, tmp_path / "w.log", extra_args=["--health-address", address])
-    )
+    procs.append(start_worker(config, tmp_path / "w.log", extra_args=["--health-address", address]))
     assert wait_until(lambda: ready(address), 30), probe(f"http://{address}/readyz")
     status, body = probe(f"http://{address}/readyz")
+    assert status == 200
     assert body["checks"] == {
         "redis": "ok",
         "broker": "ok",
