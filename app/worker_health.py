@@ -1,10 +1,12 @@
-"""The health endpoint of a worker started with ``--health-address HOST:PORT``.
+"""The health endpoint of a worker or beat started with ``--health-address HOST:PORT``.
 
-Celery imports this module in the worker (the app's ``include``). The server starts in the
-worker's main process when the worker initialises, before it connects to the broker, so
-``/livez`` answers while the worker connects or reconnects; a prefork pool child closes its
-inherited copy of the listening socket. ``/livez`` fails only when the worker or its consumer
-is stopping, or the main thread has ended.
+Celery imports this module in the worker and in beat (the app's ``include``). In a worker the
+server starts in the main process when the worker initialises, before it connects to the broker,
+so ``/livez`` answers while the worker connects or reconnects; a prefork pool child closes its
+inherited copy of the listening socket. A worker's ``/livez`` fails only when the worker or its
+consumer is stopping, or the main thread has ended; beat's when its scheduler has not ticked for
+:data:`BEAT_STALL_S` beyond its longest sleep (a publish waiting for a lost broker gives up well
+before that), or it is stopping.
 """
 
 from __future__ import annotations
@@ -12,17 +14,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import bootsteps, signals
 
 from app.celery_app import app, health_address
-from app.health import HealthServer
+from app.health import HealthServer, Liveness
 from app.stores.clients import redis_client
 
 logger = logging.getLogger(__name__)
 
 _STOPPING = (bootsteps.CLOSE, bootsteps.TERMINATE)
+#: How long beat's scheduler may go without a tick beyond its longest sleep before beat's
+#: ``/livez`` fails.
+BEAT_STALL_S = 120.0
 _server: HealthServer | None = None
 
 
@@ -39,17 +45,37 @@ def worker_liveness(worker: Any) -> str | None:
     return None
 
 
-@signals.worker_init.connect
-def _start(sender: Any, **_: Any) -> None:
+def beat_liveness(service: Any) -> str | None:
+    """None while beat's ``service`` (a ``celery.beat.Service``) ticks, else why not."""
+    if service._is_shutdown.is_set():
+        return "beat is stopping"
+    last_tick = getattr(service, "_last_tick", None)
+    if last_tick is None:
+        return None
+    stalled_s = time.monotonic() - last_tick
+    if stalled_s > service.scheduler.max_interval + BEAT_STALL_S:
+        return f"beat's scheduler has not ticked for {stalled_s:.0f}s"
+    return None
+
+
+def _serve(liveness: Liveness) -> None:
     global _server
     address = health_address()
     if address is None or _server is not None:
         return
     settings = app.conf["_pump_settings"]
-    _server = HealthServer(
-        settings, redis_client(settings), address=address, liveness=lambda: worker_liveness(sender)
-    )
+    _server = HealthServer(settings, redis_client(settings), address=address, liveness=liveness)
     _server.start()
+
+
+@signals.worker_init.connect
+def _start(sender: Any, **_: Any) -> None:
+    _serve(lambda: worker_liveness(sender))
+
+
+@signals.beat_init.connect
+def _start_beat(sender: Any, **_: Any) -> None:
+    _serve(lambda: beat_liveness(sender))
 
 
 @signals.worker_process_init.connect

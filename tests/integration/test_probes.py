@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -18,11 +19,12 @@ import redis
 
 from tests.faults.helpers import make_records, report, requests_in
 from tests.support import (
+    REPO,
     Proc,
     base_config,
+    celery_env,
     free_port,
     run_cli,
-    start_beat,
     start_worker,
     wait_until,
     write_config,
@@ -107,6 +109,15 @@ class LivenessWatch:
         self._thread.join(5)
 
 
+def start_beat_serving(config: Path, tmp_path: Path, address: str) -> Proc:
+    """``celery -A app beat --health-address ADDRESS``, as the README starts it."""
+    args = [sys.executable, "-m", "celery", "-A", "app", "beat", "-l", "info"]
+    args += ["-s", str(tmp_path / "beat-schedule"), "--health-address", address]
+    proc = Proc(args, env=celery_env(config), log=tmp_path / "beat.log", cwd=REPO)
+    proc.wait_for_output("beat: Starting", timeout_s=60)
+    return proc
+
+
 def ready(address: str) -> bool:
     return probe(f"http://{address}/readyz")[0] == 200
 
@@ -144,8 +155,9 @@ def _run_scenario(tmp_path: Path, procs: list[Proc], server: PersistentRedis) ->
         extra_args=["--health-address", csv_address],
     )
     procs.append(csv_worker)
-    procs.append(start_beat(config, tmp_path / "beat.log", tmp_path))
-    addresses = [intake_address, csv_address]
+    beat_address = f"127.0.0.1:{free_port()}"
+    procs.append(start_beat_serving(config, tmp_path, beat_address))
+    addresses = [intake_address, csv_address, beat_address]
     assert wait_until(lambda: all(ready(a) for a in addresses), 30), [
         probe(f"http://{a}/readyz") for a in addresses
     ]
@@ -192,13 +204,14 @@ def _run_scenario(tmp_path: Path, procs: list[Proc], server: PersistentRedis) ->
         csv_worker.stop(timeout_s=30)
         stopped = time.monotonic()
 
-        def pump_queue_named() -> bool:
-            status, body = probe(f"http://{intake_address}/readyz")
+        def pump_queue_named(address: str) -> bool:
+            status, body = probe(f"http://{address}/readyz")
             return status == 503 and "pump.csv" in body["checks"].get("queues", "")
 
-        assert wait_until(pump_queue_named, NO_CONSUMER_WITHIN_S), probe(
-            f"http://{intake_address}/readyz"
-        )
+        still_up = [intake_address, beat_address]
+        assert wait_until(
+            lambda: all(pump_queue_named(a) for a in still_up), NO_CONSUMER_WITHIN_S
+        ), [probe(f"http://{a}/readyz") for a in still_up]
         print(f"pump.csv named without a consumer {time.monotonic() - stopped:.1f}s after stop")
         status_run = run_cli("status", "--json", "--config", str(config))
         assert status_run.returncode == 1, status_run.stderr
@@ -216,7 +229,8 @@ def _run_scenario(tmp_path: Path, procs: list[Proc], server: PersistentRedis) ->
         watch.stop()
     assert watch.polls > 20
     # The stopped csv worker's own /livez stops answering with it; the intake's never failed.
-    assert [f for f in watch.failures if f[0] == intake_address] == [], procs[0].output()[-3000:]
+    for address in (intake_address, beat_address):
+        assert [f for f in watch.failures if f[0] == address] == [], watch.failures
     until_stopped = [f for f in watch.failures if f[0] == csv_address and f[3] < stopped]
     assert until_stopped == [], until_stopped
 
