@@ -154,7 +154,7 @@ class HealthChecker:
         redis_check = self._pool.submit(self._check_redis)
         broker_check = self._pool.submit(self._check_broker)
         pump_checks = self._pool.submit(self.pumps.check_all)
-        census = self._pool.submit(self.consumers.census) if self.consumers else None
+        census = self._pool.submit(self.consumers.census) if self.consumers is not None else None
         deadline = time.monotonic() + CHECK_DEADLINE_S
         late = f"no answer within {CHECK_DEADLINE_S:.0f}s"
         report = HealthReport()
