@@ -196,6 +196,8 @@ class HealthChecker:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.pumps.close()
         self.redis.close()
+        if self.consumers is not None:
+            self.consumers.close()
 
 
 T = TypeVar("T")

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from kombu.connection import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +59,25 @@ class QueueConsumers:
         cache_s: float = CACHE_S,
         reply_timeout_s: float = REPLY_TIMEOUT_S,
     ) -> None:
-        self._celery = celery
         self.queues = list(queues)
         self._broker_url = broker_url
         self._cache_s = cache_s
         self._reply_timeout_s = reply_timeout_s
+        # A client app of its own on ``broker_url``: the question goes out through this app's
+        # producers, so it must be the broker the workers use (the worker app's may have been
+        # configured from another file). It speaks the workers' serializer, as they accept
+        # nothing else.
+        self._client = Celery("iam_pump_census", broker=broker_url, set_as_current=False)
+        self._client.conf.update(
+            task_serializer=celery.conf.task_serializer,
+            accept_content=celery.conf.accept_content,
+            broker_connection_timeout=CONNECT_TIMEOUT_S,
+            broker_transport_options={
+                "max_retries": 1,
+                "socket_timeout": CONNECT_TIMEOUT_S,
+                "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            },
+        )
         self._lock = threading.Lock()
         self._asking = threading.Lock()
         self._last: Census | None = None
@@ -88,24 +101,18 @@ class QueueConsumers:
             self._last = fresh
         return fresh
 
+    def close(self) -> None:
+        """Let go of the broker connections."""
+        self._client.close()
+
     def _ask(self) -> Census:
         now = time.time()
         try:
-            connection = Connection(  # type: ignore[no-untyped-call]
-                self._broker_url,
-                connect_timeout=CONNECT_TIMEOUT_S,
-                transport_options={
-                    "max_retries": 1,
-                    "socket_timeout": CONNECT_TIMEOUT_S,
-                    "socket_connect_timeout": CONNECT_TIMEOUT_S,
-                },
-            )
-            with connection:
-                connection.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT_S)  # type: ignore[no-untyped-call]
-                inspect = self._celery.control.inspect(
-                    timeout=self._reply_timeout_s, connection=connection
-                )
-                replies: dict[str, list[dict[str, Any]]] | None = inspect.active_queues()
+            # Fail fast when the broker is away (publishing would wait for it).
+            with self._client.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=1, timeout=CONNECT_TIMEOUT_S)
+            inspect = self._client.control.inspect(timeout=self._reply_timeout_s)
+            replies: dict[str, list[dict[str, Any]]] | None = inspect.active_queues()
         except Exception as exc:
             logger.debug("counting queue consumers failed: %s", exc)
             return Census(error=f"the broker did not answer: {exc}", taken_at=now)

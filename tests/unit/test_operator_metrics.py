@@ -157,18 +157,22 @@ def test_the_census_says_the_broker_did_not_answer_quickly_and_caches_nothing_st
     assert time.monotonic() - started < 10
     assert census.error is not None and "did not answer" in census.error
     assert census.without_consumer() == []
+    consumers.close()
     celery.close()
 
 
 def test_the_census_counts_nothing_for_queues_nobody_consumes(db: redis.Redis) -> None:
     url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{TEST_REDIS_DB}"
-    celery = Celery("probe", broker=url, set_as_current=False)
+    # The app only lends its serializer: the question goes to broker_url, whatever the app's
+    # own broker (a process configured from another file).
+    celery = Celery("probe", broker=f"redis://127.0.0.1:{free_port()}/0", set_as_current=False)
     consumers = QueueConsumers(celery, ["ingest", "pump.csv"], broker_url=url)
     census = consumers.census()
     assert census.error is None, census.error
     assert census.consumers == {"ingest": 0, "pump.csv": 0}
     assert census.without_consumer() == ["ingest", "pump.csv"]
     assert consumers.census() is census  # cached
+    consumers.close()
     celery.close()
 
 
