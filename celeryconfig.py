@@ -41,6 +41,11 @@ _pump_settings = _settings()
 
 broker_url = _pump_settings.broker
 broker_connection_retry_on_startup = True
+# A worker never gives up on a lost broker (Celery's default: exit after 100 attempts): an outage
+# is not this process's failure, and its /livez stays 200 through it. Its consumer tries again
+# every 2 s at most (app.celery_app.Consumer).
+broker_connection_max_retries = None
+worker_consumer = "app.celery_app:Consumer"
 broker_transport_options = {
     "visibility_timeout": _pump_settings.visibility_timeout_s,
     # Look for tasks of dead workers every 10 s, and really scan each time (kombu's default

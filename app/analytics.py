@@ -34,14 +34,20 @@ from typing import Any
 import msgpack
 
 from app.analytics_options import AnalyticsOptions
-from app.analytics_stats import AnalyticsStats, LockFreeCounter
+from app.analytics_stats import AnalyticsStats, LockFreeCounter, ReporterCollector
 from app.backoff import backoff_s
 from app.errors import ShipError
 from app.record import RECORD_FIELDS, AnalyticsRecord, expire_at_after
 from app.stores.clients import check_certificate
 from app.transports import CeleryTransport, EncodeError, RedisListTransport, Transport
 
-__all__ = ["Analytics", "AnalyticsOptions", "AnalyticsRecord", "AnalyticsStats"]
+__all__ = [
+    "Analytics",
+    "AnalyticsOptions",
+    "AnalyticsRecord",
+    "AnalyticsStats",
+    "ReporterCollector",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ first configured.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -14,9 +15,10 @@ from typing import Any
 
 import click
 from celery import Celery, signals
+from celery.worker.consumer import Consumer as CeleryConsumer
 
 from app import kombu_guard
-from app.config import CONFIG_ENV_VAR, Settings, warn_ignored_keys
+from app.config import CONFIG_ENV_VAR, Settings, split_address, warn_ignored_keys
 from app.stores.clients import batch_servers
 from app.stores.eviction import Verdict, check_servers
 from app.worker_context import WorkerContext, close_context, install_context
@@ -30,8 +32,34 @@ logger = logging.getLogger(__name__)
 
 kombu_guard.install()
 
-app = Celery("iam_pump", include=["tasks.ingest", "tasks.purge", "tasks.sweep", "tasks.write"])
+# app.worker_health (the health endpoint of a worker started with --health-address) sits above
+# this module in the floors, so it is named here, not imported: Celery imports it in the worker.
+app = Celery(
+    "iam_pump",
+    include=["tasks.ingest", "tasks.purge", "tasks.sweep", "tasks.write", "app.worker_health"],
+)
 app.config_from_object("celeryconfig")
+
+
+#: Longest pause between two attempts to reach a lost broker (Celery's consumer: up to 30 s).
+#: A worker is back, and ready, within this long of the broker's return; an attempt costs a
+#: TCP connect.
+RECONNECT_INTERVAL_MAX_S = 2.0
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, reconnecting to a lost broker every :data:`RECONNECT_INTERVAL_MAX_S`
+    at most (``worker_consumer`` in celeryconfig), so that readiness follows the broker's return
+    within one probe period however long the outage was."""
+
+    def ensure_connected(self, conn: Any) -> Any:
+        conn.ensure_connection = functools.partial(
+            conn.ensure_connection,
+            interval_start=1.0,
+            interval_step=1.0,
+            interval_max=RECONNECT_INTERVAL_MAX_S,
+        )
+        return super().ensure_connected(conn)
 
 
 def _use_config_file(context: click.Context, parameter: click.Parameter, path: str | None) -> None:
@@ -50,6 +78,39 @@ app.user_options["preload"].add(
         help=f"iam-pump YAML config file (default: ${CONFIG_ENV_VAR}, else the embedded default).",
     )
 )
+
+
+#: Where this process serves /livez, /readyz and /metrics (``--health-address``), if anywhere.
+_health_address: tuple[str, int] | None = None
+
+
+def _use_health_address(
+    context: click.Context, parameter: click.Parameter, value: str | None
+) -> str | None:
+    global _health_address
+    if value:
+        try:
+            _health_address = split_address(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+app.user_options["preload"].add(
+    click.Option(
+        ["--health-address"],
+        default=None,
+        metavar="HOST:PORT",
+        expose_value=True,
+        callback=_use_health_address,
+        help="serve /livez, /readyz and /metrics of this worker there (default: none).",
+    )
+)
+
+
+def health_address() -> tuple[str, int] | None:
+    """The ``--health-address`` this process was started with, or None."""
+    return _health_address
 
 
 @signals.user_preload_options.connect

@@ -25,6 +25,7 @@ import yaml
 from app.config import CONFIG_ENV_VAR, Settings, masked, warn_ignored_keys
 from app.config_env import unused_env
 from app.errors import ConfigError
+from app.progress import progress
 from app.stores.clients import broker_redis_client, check_certificate, redis_client
 from pumps.settings import load_pump_settings
 
@@ -97,13 +98,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     env = dict(os.environ, REMAP_SIGTERM="SIGQUIT")
     with tempfile.TemporaryDirectory(prefix="iam-pump-") as state_dir:
-        health = HealthServer(settings, redis_client(settings))
-        health.start()
         # Its own session: a Ctrl+C in the terminal reaches this process only, which then asks
         # the worker for one soft shutdown (a second signal would make it a cold one).
         worker = subprocess.Popen(
             _worker_command(args, settings, state_dir), env=env, start_new_session=True
         )
+        # Alive while the worker (with its embedded beat) runs: it has its own loops.
+        health = HealthServer(
+            settings,
+            redis_client(settings),
+            liveness=lambda: None if worker.poll() is None else "the worker has exited",
+        )
+        health.start()
         demo = None
         if args.demo:
             from app.demo import DemoProducer
@@ -171,8 +177,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     demo = DemoProducer(settings, rate_per_s=args.rate)
     demo.start()
-    with contextlib.suppress(KeyboardInterrupt):
-        time.sleep(args.duration)
+    with contextlib.suppress(KeyboardInterrupt), progress("demo", args.duration) as steps:
+        ends = time.monotonic() + args.duration
+        while (left := ends - time.monotonic()) > 0:
+            time.sleep(min(1.0, left))
+            steps.advance(min(1.0, left))
     demo.stop()
     stats = demo.analytics.stats()
     print(
@@ -183,45 +192,93 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from app.health import HealthChecker
+    status = _status(_settings(args))
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status)
+    return EXIT_OK if status["status"] == "ok" else EXIT_FAILED
+
+
+def _status(settings: Settings) -> dict[str, Any]:
+    # Everything `status` tells, as one JSON-ready dict (its --json output).
+    from app.health import HealthChecker, queue_consumers
     from app.stores.batches import BatchStore, EnvelopeStore
     from app.stores.dead_letters import DeadLetterStore
     from app.stores.eviction import Verdict
     from app.stores.ledger import Ledger
     from app.stores.stats import Stats
 
-    settings = _settings(args)
     client = redis_client(settings)
-    checker = HealthChecker(settings, client)
+    checker = HealthChecker(settings, client, consumers=queue_consumers(settings))
     report = checker.check()
     checker.close()
     findings = _redis_memory(settings) if report.checks["redis"] == "ok" else []
     refused = any(finding.verdict is Verdict.REFUSE for finding in findings)
-    print(f"status: {'ok' if report.healthy and not refused else 'UNHEALTHY'}")
-    for name, result in report.checks.items():
-        print(f"  {name:<24} {result}")
+    status: dict[str, Any] = {
+        "status": "ok" if report.healthy and not refused else "unhealthy",
+        "checks": report.checks,
+        "consumers": report.consumers,
+    }
     if report.checks["redis"] != "ok":
-        return EXIT_FAILED
-    print("redis memory (a worker refuses to start on 'refused'):")
-    for finding in findings:
-        print(f"  {finding.verdict.value:<9} {finding.message}")
-    print(f"redis list {settings.analytics_key}: {client.llen(settings.analytics_key)} records")
-    stats = Stats(client, settings).read().values
-    for key in sorted(stats):
-        print(f"  {key:<40} {stats[key]}")
+        return status
+    status["redis_memory"] = [
+        {"verdict": finding.verdict.value, "message": finding.message} for finding in findings
+    ]
+    status["redis_list"] = {
+        "key": settings.analytics_key,
+        "records": int(client.llen(settings.analytics_key)),
+    }
+    values = Stats(client, settings).read().values
+    # The write-duration histogram's buckets are for /metrics, not for reading here.
+    status["counters"] = {
+        key: values[key] for key in sorted(values) if not key.startswith("write_duration_")
+    }
     broker = broker_redis_client(settings)
     if broker is not None:
-        waiting = EnvelopeStore(broker, settings.key_prefix).waiting()
-        held = BatchStore(broker, settings.key_prefix).held()
-        print(f"batches kept on the broker: {waiting} waiting for ingest, {held} for pumps")
         ledger = Ledger(broker, settings.key_prefix)
         oldest = ledger.oldest()
-        age = "" if oldest is None else f", oldest last moved {time.time() - oldest:.0f}s ago"
-        print(f"ledger: {ledger.owed()} claims owed{age}")
+        status["kept_batches"] = {
+            "waiting_for_ingest": EnvelopeStore(broker, settings.key_prefix).waiting(),
+            "waiting_for_pumps": BatchStore(broker, settings.key_prefix).held(),
+        }
+        status["ledger"] = {
+            "claims_owed": ledger.owed(),
+            "oldest_progress_age_s": None if oldest is None else round(time.time() - oldest, 1),
+        }
     store = DeadLetterStore(client, settings)
-    for group in store.groups():
-        print(f"dead letters {group}: {store.count(group)} entries")
-    return EXIT_OK if report.healthy and not refused else EXIT_FAILED
+    status["dead_letters"] = {group: store.count(group) for group in store.groups()}
+    return status
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    print(f"status: {'ok' if status['status'] == 'ok' else 'UNHEALTHY'}")
+    for name, result in status["checks"].items():
+        print(f"  {name:<24} {result}")
+    if status["consumers"] is not None:
+        print("consumers per queue (live workers):")
+        for queue, count in status["consumers"].items():
+            print(f"  {queue:<24} {count}{'' if count else '  <- no consumer'}")
+    if "redis_memory" not in status:
+        return
+    print("redis memory (a worker refuses to start on 'refused'):")
+    for finding in status["redis_memory"]:
+        print(f"  {finding['verdict']:<9} {finding['message']}")
+    redis_list = status["redis_list"]
+    print(f"redis list {redis_list['key']}: {redis_list['records']} records")
+    for key, value in status["counters"].items():
+        print(f"  {key:<40} {value}")
+    if "ledger" in status:
+        kept, ledger = status["kept_batches"], status["ledger"]
+        print(
+            f"batches kept on the broker: {kept['waiting_for_ingest']} waiting for ingest, "
+            f"{kept['waiting_for_pumps']} for pumps"
+        )
+        age = ledger["oldest_progress_age_s"]
+        moved = "" if age is None else f", oldest last moved {age:.0f}s ago"
+        print(f"ledger: {ledger['claims_owed']} claims owed{moved}")
+    for group, count in status["dead_letters"].items():
+        print(f"dead letters {group}: {count} entries")
 
 
 def _redis_memory(settings: Settings) -> list[Finding]:
@@ -296,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", parents=[common], help="health checks, backlog, counters, dead letters"
     )
+    status.add_argument("--json", action="store_true", help="print it as one JSON object")
     status.set_defaults(func=cmd_status)
 
     demo = commands.add_parser("demo", parents=[common], help="produce demo records for a while")

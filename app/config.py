@@ -204,6 +204,14 @@ class LogConfig(_Model):
         }.get(self.level, self.level.upper())
 
 
+def split_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` as a host (empty: every interface) and a port; raises ValueError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host or "0.0.0.0", int(port)
+
+
 class Settings(_Model):
     """The whole validated configuration."""
 
@@ -238,9 +246,7 @@ class Settings(_Model):
     @field_validator("health_check_address")
     @classmethod
     def _address(cls, value: str) -> str:
-        _host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        split_address(value)
         return value
 
     @field_validator("broker_url")
@@ -295,8 +301,7 @@ class Settings(_Model):
     @property
     def health_host_port(self) -> tuple[str, int]:
         """``health-check-address`` split into host and port."""
-        host, _, port = self.health_check_address.rpartition(":")
-        return host or "0.0.0.0", int(port)
+        return split_address(self.health_check_address)
 
     @property
     def visibility_timeout_s(self) -> float:

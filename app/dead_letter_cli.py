@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from app.codec import decode_clean_batch
 from app.config import Settings
 from app.messages import BatchRef, Sender, pump_queue
+from app.progress import progress
 from app.stores.clients import redis_client
 from app.stores.dead_letters import DeadLetter, DeadLetterStore
 
@@ -148,20 +149,24 @@ def _replay(store: DeadLetterStore, settings: Settings, args: argparse.Namespace
         return EXIT_FAILED
     sender = Sender(app, pumps=settings.pumps)
     replayed = 0
-    for entry in entries:
-        if not entry.replayable or entry.payload is None:
-            print(f"{entry.id}: not replayable (malformed input is kept for inspection)")
-            continue
-        if entry.redacted and not args.allow_redacted:
-            print(
-                f"{entry.id}: {_hidden_fields(entry)}; replaying writes its records without "
-                "them (add --allow-redacted to do so)"
+    with progress(f"replaying {args.group}", len(entries)) as steps:
+        for entry in entries:
+            steps.advance()
+            if not entry.replayable or entry.payload is None:
+                steps.say(f"{entry.id}: not replayable (malformed input is kept for inspection)")
+                continue
+            if entry.redacted and not args.allow_redacted:
+                steps.say(
+                    f"{entry.id}: {_hidden_fields(entry)}; replaying writes its records without "
+                    "them (add --allow-redacted to do so)"
+                )
+                continue
+            sender.send_write(args.group, BatchRef(inline=entry.payload))
+            store.delete(args.group, [entry.id])
+            replayed += 1
+            steps.say(
+                f"{entry.id}: {entry.record_count} record(s) sent to {pump_queue(args.group)}"
             )
-            continue
-        sender.send_write(args.group, BatchRef(inline=entry.payload))
-        store.delete(args.group, [entry.id])
-        replayed += 1
-        print(f"{entry.id}: {entry.record_count} record(s) sent to {pump_queue(args.group)}")
     print(f"replayed {replayed} entr{'y' if replayed == 1 else 'ies'}")
     return EXIT_OK if replayed == len(entries) else EXIT_FAILED
 

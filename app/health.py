@@ -1,10 +1,15 @@
-"""Health and metrics over HTTP: ``GET /<health-check-path>`` and ``GET /metrics``.
+"""Health and metrics over HTTP: ``/livez``, ``/readyz`` (and ``/<health-check-path>``) and
+``/metrics``.
 
-The health check tells the truth: 200 ``{"status": "ok", ...}`` only when Redis answers, the
-broker answers and every enabled pump says it is usable; otherwise 503 with the failing checks
-named and why. Metrics are read from Redis (the counters every worker keeps there, the list and
-queue lengths, the dead letters), so one endpoint shows the whole fleet, however many worker
-processes and machines there are.
+Two questions, two answers. ``/livez`` says whether this process's own loops run (the worker's
+consumer is running or reconnecting; the HTTP thread answers): it does not depend on Redis or a
+sink, so an orchestrator never restarts a process for an outage it can do nothing about.
+``/readyz`` tells the truth about the pipeline: 200 ``{"status": "ok", ...}`` only when Redis
+answers, the broker answers, every enabled pump says it is usable and the ingest queue and every
+enabled pump queue have a live consumer; otherwise 503 with the failing checks named and why.
+Metrics are read from Redis (the counters every worker keeps there, the list and queue lengths
+and ages, the dead letters) and from the workers' answers (consumers per queue), so one endpoint
+shows the whole fleet, however many worker processes and machines there are.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -23,17 +28,20 @@ from typing import Any, TypeVar
 import redis
 from kombu.connection import Connection
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from app.codec import MalformedRecordError, decode_go_record
 from app.config import Settings
-from app.messages import INGEST_QUEUE, PURGE_QUEUE, pump_queue
+from app.messages import INGEST_QUEUE, PURGE_QUEUE, pump_queue, waiting_since
+from app.queue_consumers import Census, QueueConsumers
 from app.stores.clients import same_server
 from app.stores.dead_letters import DeadLetterStore
 from app.stores.ledger import Ledger
 from app.stores.stats import Counter, PumpCounter, Stats, StatsSnapshot
+from app.stores.values import as_bytes
 from pumps.host import PumpHost
 
 logger = logging.getLogger(__name__)
@@ -67,11 +75,38 @@ _PER_PUMP_COUNTERS = {
 }
 
 
+#: Answers whether this process's own loops run: None when they do, else why not.
+Liveness = Callable[[], "str | None"]
+#: The name of the check that every required queue has a consumer.
+QUEUES_CHECK = "queues"
+
+
+def required_queues(settings: Settings) -> list[str]:
+    """The queues that must have a live consumer for the pipeline to move: ingest and every
+    enabled pump's."""
+    return [INGEST_QUEUE, *(pump_queue(name) for name in settings.enabled_pumps)]
+
+
+def all_queues(settings: Settings) -> list[str]:
+    """Every queue of this configuration (the required ones and ``purge``)."""
+    return [INGEST_QUEUE, PURGE_QUEUE, *(pump_queue(name) for name in settings.enabled_pumps)]
+
+
+def queue_consumers(settings: Settings) -> QueueConsumers:
+    """Counts the consumers of this configuration's queues through the worker app's remote
+    control (made on first use: the caller has set the config file by then)."""
+    from app.celery_app import app
+
+    return QueueConsumers(app, all_queues(settings), broker_url=settings.broker)
+
+
 @dataclass
 class HealthReport:
-    """The outcome of every check: ``checks`` maps a check name to "ok" or the reason."""
+    """The outcome of every check: ``checks`` maps a check name to "ok" or the reason;
+    ``consumers`` the live consumers per queue, when they were counted."""
 
     checks: dict[str, str] = field(default_factory=dict)
+    consumers: dict[str, int] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -83,6 +118,8 @@ class HealthReport:
         if failing:
             body["failing"] = failing
         body["checks"] = self.checks
+        if self.consumers is not None:
+            body["consumers"] = self.consumers
         return body
 
 
@@ -93,10 +130,20 @@ class HealthChecker:
     The checks run side by side, each given :data:`CHECK_DEADLINE_S`; Redis is pinged by a client
     that waits :data:`CHECK_TIMEOUT_S` and does not retry, so a server that drops packets (a
     network partition) makes the check fail in seconds instead of hanging the probe.
+
+    With ``consumers``, a check named ``queues`` also requires a live consumer on each of
+    :func:`required_queues`.
     """
 
-    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        *,
+        consumers: QueueConsumers | None = None,
+    ) -> None:
         self.settings = settings
+        self.consumers = consumers
         self.redis = bounded_client(client)
         self.pumps = PumpHost(settings)
         # Threads stuck on a dropped connection keep theirs until their own timeouts fire.
@@ -107,6 +154,7 @@ class HealthChecker:
         redis_check = self._pool.submit(self._check_redis)
         broker_check = self._pool.submit(self._check_broker)
         pump_checks = self._pool.submit(self.pumps.check_all)
+        census = self._pool.submit(self.consumers.census) if self.consumers is not None else None
         deadline = time.monotonic() + CHECK_DEADLINE_S
         late = f"no answer within {CHECK_DEADLINE_S:.0f}s"
         report = HealthReport()
@@ -115,7 +163,18 @@ class HealthChecker:
         pumps = _outcome(pump_checks, deadline)
         for name in self.settings.enabled_pumps:
             report.checks[f"pump:{name}"] = late if pumps is None else pumps[name]
+        if census is not None:
+            counted = _outcome(census, deadline)
+            report.checks[QUEUES_CHECK] = late if counted is None else self._queues(counted)
+            if counted is not None and counted.error is None:
+                report.consumers = counted.consumers
         return report
+
+    def _queues(self, census: Census) -> str:
+        if census.error is not None:
+            return f"consumers not counted: {census.error}"
+        idle = [name for name in required_queues(self.settings) if not census.consumers.get(name)]
+        return "ok" if not idle else f"no live consumer on {', '.join(idle)}"
 
     def _check_redis(self) -> str:
         try:
@@ -137,6 +196,8 @@ class HealthChecker:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.pumps.close()
         self.redis.close()
+        if self.consumers is not None:
+            self.consumers.close()
 
 
 T = TypeVar("T")
@@ -163,11 +224,19 @@ def bounded_client(client: redis.Redis) -> redis.Redis:
 
 
 class PumpMetrics(Collector):
-    """Prometheus metrics read from Redis at each scrape."""
+    """Prometheus metrics read from Redis at each scrape, and the consumers per queue from
+    ``consumers`` (cached for a few seconds, see :mod:`app.queue_consumers`)."""
 
-    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        *,
+        consumers: QueueConsumers | None = None,
+    ) -> None:
         self.settings = settings
         self.redis = client
+        self.consumers = consumers
 
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily("iam_pump_redis_up", "1 when Redis answered the scrape.")
@@ -181,15 +250,55 @@ class PumpMetrics(Collector):
         up.add_metric([], 1)
         yield up
         yield from _counters(stats)
+        yield _write_durations(stats)
         backlog = GaugeMetricFamily(
             "iam_pump_redis_list_length", "Records waiting in iam's Redis list."
         )
         backlog.add_metric([], int(self.redis.llen(self.settings.analytics_key)))
         yield backlog
+        yield from self._list_oldest_age()
         if self.settings.broker_url is None:  # the queues are lists on this same Redis
             yield self._queue_lengths()
+            yield self._queue_oldest_ages()
             yield from self._ledger()
         yield self._dead_letter_entries()
+        if self.consumers is not None:
+            yield from _consumer_counts(self.consumers.census(), self.consumers.queues)
+
+    def _list_oldest_age(self) -> Iterator[GaugeMetricFamily]:
+        # The first element is the oldest (iam-authz-server RPUSHes): read, not taken.
+        raw = self.redis.lindex(self.settings.analytics_key, 0)
+        if raw is None:
+            age = 0.0
+        else:
+            try:
+                timestamp = decode_go_record(as_bytes(raw))[0]
+            except MalformedRecordError:  # the purge sets it aside; no age to tell meanwhile
+                return
+            age = max(0.0, time.time() - float(timestamp))
+        gauge = GaugeMetricFamily(
+            "iam_pump_redis_list_oldest_age_seconds",
+            "Age of the oldest record waiting in iam's Redis list (its TimeStamp; 0: empty).",
+        )
+        gauge.add_metric([], age)
+        yield gauge
+
+    def _queue_oldest_ages(self) -> GaugeMetricFamily:
+        ages = GaugeMetricFamily(
+            "iam_pump_queue_oldest_age_seconds",
+            "Seconds the oldest task waiting in a queue has been due (0: empty).",
+            labels=["queue"],
+        )
+        now = time.time()
+        for name in all_queues(self.settings):
+            # kombu's Redis transport LPUSHes and BRPOPs: the oldest message is the last one.
+            raw = self.redis.lindex(name, -1)
+            since = None if raw is None else waiting_since(raw)
+            if raw is None:
+                ages.add_metric([name], 0.0)
+            elif since is not None:
+                ages.add_metric([name], max(0.0, now - since))
+        return ages
 
     def _queue_lengths(self) -> GaugeMetricFamily:
         queues = GaugeMetricFamily(
@@ -229,6 +338,37 @@ class PumpMetrics(Collector):
         return entries
 
 
+def _write_durations(stats: StatsSnapshot) -> HistogramMetricFamily:
+    histogram = HistogramMetricFamily(
+        "iam_pump_write_duration_seconds",
+        "Time a pump's write of one batch took, failed writes included.",
+        labels=["pump"],
+    )
+    for pump, durations in stats.write_durations().items():
+        buckets = [(_bound(bound), count) for bound, count in durations.buckets]
+        histogram.add_metric([pump], buckets, sum_value=durations.sum_s)
+    return histogram
+
+
+def _bound(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def _consumer_counts(census: Census, queues: list[str]) -> Iterator[GaugeMetricFamily]:
+    # Our queues only, so that a worker consuming a queue of its own adds no label value.
+    if census.error is not None:
+        logger.warning("metrics: queue consumers not counted: %s", census.error)
+        return
+    gauge = GaugeMetricFamily(
+        "iam_pump_queue_consumers",
+        "Live workers consuming a queue, as they answer Celery's remote control.",
+        labels=["queue"],
+    )
+    for name in queues:
+        gauge.add_metric([name], census.consumers.get(name, 0))
+    yield gauge
+
+
 def _counters(stats: StatsSnapshot) -> Iterator[CounterMetricFamily]:
     # The counters every worker adds to (app/stores/stats.py), under their Prometheus names.
     for key, (name, documentation) in _COUNTERS.items():
@@ -244,14 +384,30 @@ def _counters(stats: StatsSnapshot) -> Iterator[CounterMetricFamily]:
 
 
 class HealthServer:
-    """The HTTP endpoint, served from a daemon thread."""
+    """The HTTP endpoint, served from a daemon thread, on ``address`` (default: the config's
+    ``health-check-address``).
 
-    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+    ``liveness`` answers ``/livez`` (default: alive while the HTTP thread answers);
+    ``consumers`` counts the consumers per queue for ``/readyz`` and ``/metrics`` (default: asked
+    through the worker app's remote control).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        *,
+        address: tuple[str, int] | None = None,
+        liveness: Liveness | None = None,
+        consumers: QueueConsumers | None = None,
+    ) -> None:
         self.settings = settings
-        self.checker = HealthChecker(settings, client)
+        self.liveness: Liveness = liveness or (lambda: None)
+        consumers = consumers or queue_consumers(settings)
+        self.checker = HealthChecker(settings, client, consumers=consumers)
         self.registry = CollectorRegistry()
-        self.registry.register(PumpMetrics(settings, self.checker.redis))
-        host, port = settings.health_host_port
+        self.registry.register(PumpMetrics(settings, self.checker.redis, consumers=consumers))
+        host, port = address or settings.health_host_port
         self._server = ThreadingHTTPServer((host, port), self._handler())
         self._server.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -268,7 +424,13 @@ class HealthServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
-                if path in (health_path, "/healthz"):
+                if path == "/livez":
+                    problem = server.liveness()
+                    body = json.dumps(
+                        {"status": "ok"} if problem is None else {"status": "dead", "why": problem}
+                    ).encode()
+                    self._send(200 if problem is None else 503, "application/json", body)
+                elif path in (health_path, "/healthz", "/readyz"):
                     report = server.checker.check()
                     body = json.dumps(report.as_dict()).encode()
                     self._send(200 if report.healthy else 503, "application/json", body)
@@ -295,6 +457,11 @@ class HealthServer:
         )
         self._thread.start()
         logger.info("health endpoint on http://%s:%d", *self.address)
+
+    def close_listener(self) -> None:
+        """Close the listening socket without stopping a serving thread (a forked child's copy,
+        which has none)."""
+        self._server.socket.close()
 
     def stop(self) -> None:
         self._server.shutdown()

@@ -9,12 +9,13 @@ misbehaves under it.
   step (the tasks stay in kombu's ``unacked`` hash and come back after the visibility timeout, as
   for a killed worker), so the guard logs it and lets the channel close and the consumer
   reconnect.
-* **Acknowledging on a channel whose connection is gone.** A task that finishes just as the
-  consumer reconnects is acknowledged on the old channel, whose connection kombu has already
-  dropped: kombu fails with ``AttributeError`` ('NoneType' object has no attribute 'client')
-  and the worker exits. The task is still in the ``unacked`` hash, so the guard logs it and lets
-  the task come back after the visibility timeout; the copy finds its claim released and does
-  nothing (``tasks.policy``).
+* **Acknowledging or putting back on a channel whose connection is gone.** A task that
+  finishes just as the consumer reconnects is acknowledged (or, when it failed for the outage,
+  put back) on the old channel, whose connection kombu has already dropped: kombu fails with
+  ``AttributeError`` ('NoneType' object has no attribute 'client') and the worker exits. The
+  task is still in the ``unacked`` hash, so the guard logs it and lets the task come back after
+  the visibility timeout; a copy of a finished task finds its claim released and does nothing
+  (``tasks.policy``).
 * **Redis full** (``maxmemory`` under ``noeviction``: every write that needs memory is refused
   with OOM). Putting a task back (``Reject(requeue=True)``, and the restore at shutdown) pushes it
   onto its queue, which Redis refuses; kombu's transaction is then not applied, so the task is
@@ -96,6 +97,16 @@ def _guard_reject(qos: Any) -> None:
             return self.ack(delivery_tag)
         try:
             self.restore_by_tag(delivery_tag, leftmost=True)
+        except AttributeError as exc:
+            # Put back on a channel whose connection is gone (a task that failed on a Redis
+            # outage, rejected as the consumer reconnects): as for an ack there, the task is
+            # still unacknowledged in Redis and comes back after the visibility timeout.
+            logger.warning(
+                "broker connection gone before task %s was put back (%s); it stays "
+                "unacknowledged in Redis and is redelivered after the visibility timeout",
+                delivery_tag,
+                exc,
+            )
         except redis.ResponseError as exc:
             # The restore is one transaction, not applied: the task is still unacknowledged in
             # Redis. Forget it here only; it comes back after the visibility timeout.

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import msgpack
@@ -34,6 +36,10 @@ SWEEP_TASK = "iam_pump.sweep"
 WRITE_TASK = "iam_pump.write"
 INGEST_QUEUE = "ingest"
 PURGE_QUEUE = "purge"
+
+#: A header every task we publish carries: when it was sent (Unix seconds). ``/metrics`` reads it
+#: from the oldest message of each queue to tell how long that message has waited.
+SENT_AT_HEADER = "iam_pump_sent_at"
 
 _INLINE = "inline"
 _KEY = "key"
@@ -148,7 +154,11 @@ class Sender:
     def send_ingest(self, ref: BatchRef) -> None:
         """Publish one ingest task on queue ``ingest``."""
         self._celery.send_task(
-            INGEST_TASK, kwargs={"ref": ref.to_message()}, **route(INGEST_TASK), **self._options
+            INGEST_TASK,
+            kwargs={"ref": ref.to_message()},
+            headers=_sent_now(),
+            **route(INGEST_TASK),
+            **self._options,
         )
 
     def send_again(self, claim: str, key: str) -> None:
@@ -172,10 +182,33 @@ class Sender:
             WRITE_TASK,
             args=(pump,),
             kwargs={"ref": ref.to_message()},
+            headers=_sent_now(),
             **route(WRITE_TASK, (pump,)),
             **limits,
             **self._options,
         )
+
+
+def _sent_now() -> dict[str, float]:
+    return {SENT_AT_HEADER: round(time.time(), 3)}
+
+
+def waiting_since(raw: bytes | str) -> float | None:
+    """Since when (Unix seconds) a task message kombu's Redis transport keeps in a queue list
+    has been due: its ETA if it has one (a retry's countdown), else when it was sent
+    (:data:`SENT_AT_HEADER`); None for a message that says neither."""
+    try:
+        message = json.loads(raw)
+        headers = message["headers"]
+        eta = headers.get("eta")
+        if isinstance(eta, str):
+            return datetime.fromisoformat(eta).timestamp()
+        sent_at = headers.get(SENT_AT_HEADER)
+        if isinstance(sent_at, int | float) and not isinstance(sent_at, bool):
+            return float(sent_at)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return None
 
 
 def route(task_name: str, args: Any = (), kwargs: Any = None, *_: Any, **__: Any) -> dict[str, str]:

@@ -20,8 +20,8 @@ COMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("get", "set", "del", "strlen", "incrby", "expire", "pexpire", "pttl", "persist"),
     ),
     (
-        "lists: iam's list, the Celery queues",
-        ("llen", "lpush", "rpush", "brpop", "lrange", "ltrim"),
+        "lists: iam's list, the Celery queues (LINDEX: the oldest element's age, /metrics)",
+        ("llen", "lindex", "lpush", "rpush", "brpop", "lrange", "ltrim"),
     ),
     (
         "hashes: batches, dead letters, stats, kombu's unacked",

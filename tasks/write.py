@@ -10,6 +10,7 @@ is kept in the dead-letter store with the error (:mod:`tasks.policy`). Records r
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
@@ -20,7 +21,7 @@ from app.config import DEFAULT_PUMP_TIMEOUT_S
 from app.messages import WRITE_TASK, BatchRef, legacy_ref
 from app.record import AnalyticsRecord
 from app.stores.batches import pump_claim
-from app.stores.stats import PumpCounter, per_pump
+from app.stores.stats import PumpCounter, per_pump, write_duration
 from pumps.deadline import Deadline
 from pumps.errors import PumpConfigError, PumpPermanentError, PumpTemporaryError
 from pumps.pipeline import run_pipeline
@@ -109,12 +110,15 @@ def _write(task: WriteTask, pump: str, clean: bytes, deadline: Deadline) -> dict
         task.dead_letter(pump, batch_id, clean, records=len(records), error=error)
         return {"batch": batch_id, "written": 0, "dead_lettered": len(records)}
     kept, rejects = run_pipeline(context.pumps.pipeline(pump), records)
+    started = time.monotonic()
     try:
         refused = _call_sink(task, pump, kept, deadline=deadline, timeout_s=entry.timeout_s)
     except PumpPermanentError as exc:
+        _observe_failed_write(task, pump, kept, started)
         task.dead_letter(pump, batch_id, clean, records=len(records), error=str(exc))
         return {"batch": batch_id, "written": 0, "dead_lettered": len(records)}
     except PumpTemporaryError as exc:
+        _observe_failed_write(task, pump, kept, started)
         _set_aside(task, pump, batch_id, rejects)
         return task.retry_or_dead_letter(pump, batch_id, clean, records=len(records), error=exc)
     rejects += refused
@@ -124,9 +128,18 @@ def _write(task: WriteTask, pump: str, clean: bytes, deadline: Deadline) -> dict
         {
             per_pump(PumpCounter.WRITTEN_RECORDS, pump): written,
             per_pump(PumpCounter.WRITTEN_BATCHES, pump): 1,
+            **(write_duration(pump, time.monotonic() - started) if kept else {}),
         }
     )
     return {"batch": batch_id, "written": written, "dead_lettered": len(rejects)}
+
+
+def _observe_failed_write(
+    task: WriteTask, pump: str, kept: list[AnalyticsRecord], started: float
+) -> None:
+    # A failed write's time counts too: a sink that times out is what the histogram must show.
+    if kept:
+        task.context.stats.add(write_duration(pump, time.monotonic() - started))
 
 
 def _call_sink(

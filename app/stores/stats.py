@@ -7,7 +7,9 @@ The counter names are defined here once; the tasks add to them and ``/metrics`` 
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -44,6 +46,52 @@ def per_pump(counter: PumpCounter, pump: str) -> str:
     return f"{counter}:{pump}"
 
 
+#: Upper bounds (seconds) of the buckets of the write-duration histogram; the last bucket,
+#: above the largest bound, is ``+Inf``. A pump's default timeout is 30 s (hard limit 35 s).
+WRITE_DURATION_BUCKETS_S: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+#: Stored names of the histogram: one counter per bucket (not cumulative), index ``len(bounds)``
+#: for ``+Inf``, and the sum in whole microseconds (the hash holds integers only).
+_DURATION_BUCKET = "write_duration_bucket_{index}"
+_DURATION_SUM_US = "write_duration_sum_us"
+
+
+def write_duration(pump: str, seconds: float) -> dict[str, int]:
+    """The counter additions that observe one write of ``pump`` lasting ``seconds``; give them
+    to :meth:`Stats.add` (alone or with other counts)."""
+    index = bisect.bisect_left(WRITE_DURATION_BUCKETS_S, seconds)
+    return {
+        f"{_DURATION_BUCKET.format(index=index)}:{pump}": 1,
+        f"{_DURATION_SUM_US}:{pump}": max(0, round(seconds * 1_000_000)),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class DurationHistogram:
+    """One pump's write durations: cumulative ``(upper bound, count)`` pairs ending with
+    ``+Inf``, and the sum in seconds, in the form Prometheus histograms take."""
+
+    buckets: list[tuple[float, int]]
+    sum_s: float
+
+    @property
+    def count(self) -> int:
+        return self.buckets[-1][1]
+
+
 @dataclass(frozen=True, slots=True)
 class StatsSnapshot:
     """The counters as read at one moment."""
@@ -62,6 +110,31 @@ class StatsSnapshot:
             for name, value in self.values.items()
             if name.startswith(prefix) and len(name) > len(prefix)
         }
+
+    def write_durations(self) -> dict[str, DurationHistogram]:
+        """The write-duration histogram of every pump that has one."""
+        bounds = [*WRITE_DURATION_BUCKETS_S, math.inf]
+        per_bucket: dict[str, list[int]] = {}
+        sums: dict[str, int] = {}
+        for name, value in self.values.items():
+            field, _, pump = name.partition(":")
+            if not pump:
+                continue
+            if field == _DURATION_SUM_US:
+                sums[pump] = value
+            elif field.startswith("write_duration_bucket_"):
+                index = field.removeprefix("write_duration_bucket_")
+                if index.isdigit() and int(index) < len(bounds):
+                    counts = per_bucket.setdefault(pump, [0] * len(bounds))
+                    counts[int(index)] += value
+        histograms = {}
+        for pump, counts in per_bucket.items():
+            cumulative, running = [], 0
+            for bound, count in zip(bounds, counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            histograms[pump] = DurationHistogram(cumulative, sums.get(pump, 0) / 1_000_000)
+        return histograms
 
 
 class Stats:

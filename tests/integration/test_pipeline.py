@@ -274,7 +274,9 @@ def test_iam_pump_run_serves_health_and_metrics_and_runs_the_pipeline(
     base = f"http://{settings['health-check-address']}"
     status, body = get_json(f"{base}/healthz")
     assert status == 200 and body["status"] == "ok", body
-    assert set(body["checks"]) == {"redis", "broker", "pump:csv"}
+    assert set(body["checks"]) == {"redis", "broker", "pump:csv", "queues"}
+    assert body["consumers"] == {"ingest": 1, "purge": 1, "pump.csv": 1}
+    assert get_json(f"{base}/livez") == (200, {"status": "ok"})
     assert wait_until(lambda: len(read_csv_rows(tmp_path / "csv")) > 0, 30)
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
         metrics = response.read().decode()
@@ -322,7 +324,7 @@ def test_health_names_what_is_broken(tmp_path: Path, redis_db: redis.Redis) -> N
     checker.close()
 
 
-def test_healthz_is_200_with_mongodb_and_elasticsearch_pumps_and_their_servers_up(
+def test_healthz_finds_mongodb_and_elasticsearch_pumps_usable_when_their_servers_are_up(
     tmp_path: Path, redis_db: redis.Redis, mongo_uri: str, es_url: str
 ) -> None:
     """The health server opens its pumps before it checks them (it used to answer "not open")."""
@@ -349,12 +351,15 @@ def test_healthz_is_200_with_mongodb_and_elasticsearch_pumps_and_their_servers_u
         status, body = get_json("http://{}:{}/healthz".format(*server.address))
     finally:
         server.stop()
-    assert status == 200, body
+    # No worker runs here, so only the queues check fails (a worker's own endpoint is ready:
+    # tests/integration/test_probes.py).
+    assert status == 503, body
     assert body["checks"] == {
         "redis": "ok",
         "broker": "ok",
         "pump:mongo": "ok",
         "pump:es": "ok",
+        "queues": "no live consumer on ingest, pump.mongo, pump.es",
     }
 
 

@@ -66,6 +66,22 @@ def test_an_ack_on_a_channel_whose_connection_is_gone_leaves_the_task_for_later(
     assert "redelivered after the visibility timeout" in caplog.text
 
 
+def test_a_put_back_on_a_channel_whose_connection_is_gone_leaves_the_task_for_later(
+    redis_db: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kombu.transport import redis as kombu_redis
+
+    qos: Any = _channel_whose_connection_is_gone(redis_db).qos  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute"):
+        kombu_redis.QoS.restore_by_tag(qos, "tag", leftmost=True)  # what kombu's reject calls
+    kombu_guard.install()
+    # A task rejected with requeue (it failed on a Redis outage) as the consumer reconnects:
+    # logged, not fatal, and forgotten here only.
+    qos.reject("tag", requeue=True)
+    assert "tag" in qos._dirty  # settled in this process (kombu drops dirty tags lazily)
+    assert "redelivered after the visibility timeout" in caplog.text
+
+
 @pytest.fixture
 def full_server(tmp_path: Path) -> Iterator[RedisServer]:
     require(shutil.which("redis-server") is not None, "redis-server")
