@@ -249,7 +249,7 @@ class PumpMetrics(Collector):
             return
         up.add_metric([], 1)
         yield up
-        yield from _counters(stats)
+        yield from _counters(stats, self.settings)
         yield _write_durations(stats)
         backlog = GaugeMetricFamily(
             "iam_pump_redis_list_length", "Records waiting in iam's Redis list."
@@ -333,7 +333,8 @@ class PumpMetrics(Collector):
         entries = GaugeMetricFamily(
             "iam_pump_dead_letter_entries", "Dead-letter entries kept.", labels=["group"]
         )
-        for group in store.groups():
+        groups = dict.fromkeys([*_dead_letter_groups(self.settings), *store.groups()])
+        for group in groups:
             entries.add_metric([group], store.count(group))
         return entries
 
@@ -369,16 +370,29 @@ def _consumer_counts(census: Census, queues: list[str]) -> Iterator[GaugeMetricF
     yield gauge
 
 
-def _counters(stats: StatsSnapshot) -> Iterator[CounterMetricFamily]:
+def _dead_letter_groups(settings: Settings) -> list[str]:
+    # Every group that can have dead letters: malformed input, and each enabled pump.
+    return [INGEST_QUEUE, *settings.enabled_pumps]
+
+
+def _counters(stats: StatsSnapshot, settings: Settings) -> Iterator[CounterMetricFamily]:
     # The counters every worker adds to (app/stores/stats.py), under their Prometheus names.
+    # Every enabled pump (and dead-letter group) has its series from the start, at 0, so an
+    # alert on increase() sees the first retry or dead letter rather than a series appearing.
     for key, (name, documentation) in _COUNTERS.items():
         counter = CounterMetricFamily(name, documentation)
         counter.add_metric([], stats.total(key))
         yield counter
     for pump_key, (name, documentation) in _PER_PUMP_COUNTERS.items():
-        label = "group" if pump_key is PumpCounter.DEAD_LETTERED_RECORDS else "pump"
-        counter = CounterMetricFamily(name, documentation, labels=[label])
-        for pump_name, value in stats.by_pump(pump_key).items():
+        dead_letters = pump_key is PumpCounter.DEAD_LETTERED_RECORDS
+        counter = CounterMetricFamily(
+            name, documentation, labels=["group" if dead_letters else "pump"]
+        )
+        values = dict.fromkeys(
+            _dead_letter_groups(settings) if dead_letters else settings.enabled_pumps, 0
+        )
+        values.update(stats.by_pump(pump_key))
+        for pump_name, value in values.items():
             counter.add_metric([pump_name], value)
         yield counter
 

@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 
 from tests.deploy.support import DEPLOY, run, tool
+from tests.support import (
+    Proc,
+    base_config,
+    read_csv_rows,
+    start_worker,
+    wait_until,
+    write_config,
+)
 
 RULES = DEPLOY / "prometheus" / "iam-pump-rules.yaml"
 RULE_TESTS = DEPLOY / "prometheus" / "iam-pump-rules.test.yaml"
@@ -129,3 +139,53 @@ def test_rules_and_dashboard_use_only_exposed_metric_names() -> None:
     for expression in [rule["expr"] for rule in alert_rules()] + dashboard_queries():
         used |= metric_names(expression)
     assert used <= METRICS, used - METRICS
+
+
+def exposed_names(text: str) -> set[str]:
+    """Metric names in a text exposition, each histogram's series under its family's name."""
+    names = set()
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = re.split(r"[{ ]", line, maxsplit=1)[0]
+            for suffix in HISTOGRAM_SUFFIXES:
+                if name.endswith(suffix) and name.removesuffix(suffix) in METRICS:
+                    name = name.removesuffix(suffix)
+            names.add(name)
+    return names
+
+
+def test_the_metric_names_are_those_the_real_endpoints_expose(
+    tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
+) -> None:
+    """What the rules and the dashboard read is what is served: the pipeline's ``/metrics``,
+    scraped over HTTP after records went through a real worker into the CSV pump, and
+    ``ReporterCollector`` registered in a host application's own registry."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
+    from app.analytics_stats import ReporterCollector
+    from app.config import parse_settings
+    from app.health import HealthServer
+    from app.stores.clients import redis_client
+
+    config = write_config(tmp_path / "c.yaml", base_config(tmp_path))
+    procs.append(start_worker(config, tmp_path / "worker.log"))
+    reporter = Analytics(AnalyticsOptions.from_yaml(str(config)))
+    reporter.start()
+    for index in range(50):
+        assert reporter.record_hit(AnalyticsRecord(username="m", request=f"metrics-{index}"))
+    reporter.stop()
+    assert wait_until(lambda: len(read_csv_rows(tmp_path / "csv")) == 50, 60)
+    settings = parse_settings(config.read_text())
+    server = HealthServer(settings, redis_client(settings))
+    server.start()
+    try:
+        host, port = server.address
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=30) as reply:
+            served = exposed_names(reply.read().decode())
+    finally:
+        server.stop()
+    registry = CollectorRegistry()
+    registry.register(ReporterCollector(reporter))
+    served |= exposed_names(generate_latest(registry).decode())
+    assert served >= METRICS, METRICS - served
