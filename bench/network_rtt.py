@@ -57,10 +57,10 @@ from benchlib import (
 )
 
 sys.path.insert(0, str(REPO))  # tests.network: the namespaces and the userspace wire
-from roundtrips import collect  # noqa: E402
+from roundtrips import collect
 
-from app.messages import INGEST_QUEUE, pump_queue  # noqa: E402
-from tests.network.topology import Topology, netns_unavailable, remove_stale  # noqa: E402
+from app.messages import INGEST_QUEUE, pump_queue
+from tests.network.topology import Topology, netns_unavailable, remove_stale
 
 TITLE = "9. network round trips"
 TARGETS = {1.0: 0.8, 5.0: 0.5}
@@ -94,9 +94,11 @@ class Net:
         self.client_ns = self.topology.ns("client")
         self.redis_ns = self.topology.ns("redis")
         self.current.start(
-            ["ip", "netns", "exec", self.redis_ns, "redis-server", "--port", str(REDIS_PORT_IN_NS)]
-            + ["--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no"]
-            + ["--dir", str(current.tmp)],
+            [
+                *("ip", "netns", "exec", self.redis_ns, "redis-server"),
+                *("--port", str(REDIS_PORT_IN_NS), "--bind", "0.0.0.0", "--protected-mode", "no"),
+                *("--save", "", "--appendonly", "no", "--dir", str(current.tmp)),
+            ],
             log_name="redis.log",
         )
         import redis
@@ -156,7 +158,16 @@ def config(tmp: Path, net: Net, batch: int) -> Path:
 
 
 def counted(out: Path, stage: str, args: list[str]) -> list[str]:
-    return [PYTHON, str(BENCH_DIR / "roundtrips.py"), "--out", str(out), "--stage", stage, "--", *args]
+    return [
+        PYTHON,
+        str(BENCH_DIR / "roundtrips.py"),
+        "--out",
+        str(out),
+        "--stage",
+        stage,
+        "--",
+        *args,
+    ]
 
 
 def run_case(
@@ -312,7 +323,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 note=trips + f" [batch {args.batch}]",
             )
         )
-        rows.append(Row(f"rtt {c.rtt_ms:g} ms: records lost", str(c.lost), target="0", met=c.lost == 0))
+        rows.append(
+            Row(f"rtt {c.rtt_ms:g} ms: records lost", str(c.lost), target="0", met=c.lost == 0)
+        )
         series["rtt_ms"].append(c.rtt_ms)
         series["ping_ms"].append(c.ping_ms)
         series["shipping"].append(c.shipping)

@@ -54,7 +54,9 @@ class Counter:
 
     def dump(self) -> None:
         with self.guard:
-            data = {s: [self.trips.get(s, 0), self.tasks.get(s, 0)] for s in {*self.trips, *self.tasks}}
+            data = {
+                s: [self.trips.get(s, 0), self.tasks.get(s, 0)] for s in {*self.trips, *self.tasks}
+            }
         path = self.out / f"rt-{os.getpid()}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data), encoding="utf-8")
@@ -107,7 +109,9 @@ def _hook_celery(counter: Counter) -> None:
 
     signals.task_prerun.connect(prerun, weak=False)
     signals.task_postrun.connect(postrun, weak=False)
-    signals.worker_process_init.connect(lambda **_: setattr(counter, "stage", "worker loop"), weak=False)
+    signals.worker_process_init.connect(
+        lambda **_: setattr(counter, "stage", "worker loop"), weak=False
+    )
     signals.worker_init.connect(lambda **_: setattr(counter, "stage", "worker loop"), weak=False)
 
 
