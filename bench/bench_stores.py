@@ -706,8 +706,9 @@ def pinned_servers(ports: list[int], cpus: str | None) -> Iterator[str]:
 
 def print_table(rows: list[Row]) -> None:
     baseline: dict[str, float] = {}
+    width = max([16, *(len(row.store) for row in rows)])
     header = (
-        f"{'store':<16} {'method':<36} {'records':>8} {'seconds':>8} {'records/s':>10} "
+        f"{'store':<{width}} {'method':<36} {'records':>8} {'seconds':>8} {'records/s':>10} "
         f"{'vs raw':>7}"
     )
     print(header)
@@ -716,7 +717,7 @@ def print_table(rows: list[Row]) -> None:
         baseline.setdefault(row.store, row.rate)
         ratio = row.rate / baseline[row.store]
         print(
-            f"{row.store:<16} {row.method:<36} {row.records:>8} {row.seconds:>8.2f} "
+            f"{row.store:<{width}} {row.method:<36} {row.records:>8} {row.seconds:>8.2f} "
             f"{row.rate:>10.0f} {ratio:>6.2f}x"
         )
 
