@@ -1,6 +1,6 @@
 """Benchmark 9: the pipeline with Redis across a network, at 0, 1 and 5 ms of round-trip time.
 
-    .venv/bin/python bench/network_rtt.py [--rtts 0,1,5] [--duration 20] [--batch 5000] [--quick]
+    .venv/bin/python bench/network_rtt.py [--rtts 0,1,5] [--duration 20] [--rounds 2] [--quick]
 
 Redis runs in a network namespace of its own; the reporter and the worker run in another, the
 "client" host, and reach it over a veth pair through a third namespace, the wire (the topology of
@@ -17,6 +17,9 @@ At each round-trip time:
 * end to end: a ``celery -A app worker -c 2`` and the reporter together, rows on disk per second
   after a warm-up (backlog kept under 200,000 records as in e2e_csv.py).
 
+The round-trip times are measured in ``--rounds`` interleaved rounds (0, 1, 5, 0, 1, 5 ms) and
+the median of each kept, so that the machine's drift falls on all of them alike.
+
 Both processes run under bench/roundtrips.py, which counts every Redis round trip (one command,
 or one pipeline / transaction / script) by stage: the reporter's per batch shipped, the ingest
 task's and the write task's per task, and the worker's own loop (polling, acknowledgements) per
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -78,6 +82,7 @@ class Case:
     e2e: float = 0.0
     shipped_batches: int = 0
     trips: dict[str, float] = field(default_factory=dict)
+    rounds: list[tuple[float, float]] = field(default_factory=list)
     tasks: dict[str, int] = field(default_factory=dict)
     lost: int = 0
 
@@ -171,12 +176,18 @@ def counted(out: Path, stage: str, args: list[str]) -> list[str]:
 
 
 def run_case(
-    current: Session, net: Net, rtt_ms: float, batch: int, duration_s: float, warmup_s: float
+    current: Session,
+    net: Net,
+    rtt_ms: float,
+    batch: int,
+    duration_s: float,
+    warmup_s: float,
+    round_: int = 0,
 ) -> Case:
     case = Case(rtt_ms)
     net.shape(rtt_ms)
     case.ping_ms = net.ping_ms()
-    tmp = current.tmp / f"rtt-{rtt_ms:g}"
+    tmp = current.tmp / f"rtt-{rtt_ms:g}-{round_}"
     tmp.mkdir()
     cfg = config(tmp, net, batch)
     counts = tmp / "roundtrips"
@@ -187,7 +198,7 @@ def run_case(
     args = [str(BENCH_DIR / "producer.py"), "--config", str(cfg), "--duration", str(duration_s)]
     producer = current.start(
         net.in_client(counted(counts / "shipping", "reporter", [*args, "--out", str(out)])),
-        log_name=f"shipping-{rtt_ms:g}.log",
+        log_name=f"shipping-{rtt_ms:g}-{round_}.log",
     )
     producer.wait(duration_s + 120)
     result = read_json(out)
@@ -200,18 +211,18 @@ def run_case(
     # End to end.
     env = {"IAM_PUMP_CONFIG": str(cfg)}
     worker_args = ["-m", "celery", "-A", "app", "worker", "-l", "info", "-c", "2"]
-    worker_args += ["-n", f"rtt{rtt_ms:g}@%h", "--without-gossip", "--without-mingle"]
+    worker_args += ["-n", f"rtt{rtt_ms:g}r{round_}@%h", "--without-gossip", "--without-mingle"]
     worker_args += ["--without-heartbeat"]
     worker = current.start(
         net.in_client(counted(counts / "e2e", "worker loop", worker_args)),
-        log_name=f"worker-{rtt_ms:g}.log",
+        log_name=f"worker-{rtt_ms:g}-{round_}.log",
         env=env,
     )
     worker.wait_for_output("ready.", timeout_s=120)
     out = tmp / "e2e.json"
     producer = current.start(
         net.in_client(counted(counts / "e2e", "reporter", [*args, "--out", str(out)])),
-        log_name=f"e2e-{rtt_ms:g}.log",
+        log_name=f"e2e-{rtt_ms:g}-{round_}.log",
     )
     counter = CsvCounter(tmp / "csv")
     start = time.monotonic()
@@ -261,17 +272,32 @@ def run_case(
     return case
 
 
+def merge(runs: list[Case]) -> Case:
+    """One round-trip time over its rounds: median rates, mean round trips, losses summed."""
+    case = Case(runs[0].rtt_ms)
+    case.ping_ms = statistics.median(r.ping_ms for r in runs)
+    case.shipping = statistics.median(r.shipping for r in runs)
+    case.e2e = statistics.median(r.e2e for r in runs)
+    case.lost = sum(r.lost for r in runs)
+    case.rounds = [(r.shipping, r.e2e) for r in runs]
+    for stage in runs[0].trips:
+        case.trips[stage] = statistics.mean(r.trips.get(stage, 0.0) for r in runs)
+    return case
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rtts", default="0,1,5", help="round-trip times in ms")
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (median kept)")
     parser.add_argument("--quick", action="store_true", help="8 s per case, 3 s warm-up")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--save", help="append the rows as JSON to this file (run_all.py)")
     args = parser.parse_args(argv)
     duration_s, warmup_s = (8.0, 3.0) if args.quick else (args.duration, args.warmup)
+    rounds = args.rounds
     rtts = [float(r) for r in args.rtts.split(",") if r]
     reason = netns_unavailable()
     if reason is not None:
@@ -279,21 +305,26 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print_table(TITLE, rows)
         save_rows(args.save, TITLE, rows)
         return rows
-    cases: list[Case] = []
+    runs: list[Case] = []
     with session("rtt", keep=args.keep) as current:
         net = Net(current)
         try:
-            for rtt in rtts:
-                cases.append(run_case(current, net, rtt, args.batch, duration_s, warmup_s))
-                c = cases[-1]
-                print(
-                    f"  rtt {rtt:g} ms (PING {c.ping_ms:.2f} ms): shipping "
-                    f"{fmt_rate(c.shipping)}, end to end {fmt_rate(c.e2e)}",
-                    flush=True,
-                )
+            # Interleaved rounds, so the machine's drift hits every round-trip time alike.
+            for round_ in range(rounds):
+                for rtt in rtts:
+                    runs.append(
+                        run_case(current, net, rtt, args.batch, duration_s, warmup_s, round_)
+                    )
+                    c = runs[-1]
+                    print(
+                        f"  round {round_ + 1}, rtt {rtt:g} ms (PING {c.ping_ms:.2f} ms): "
+                        f"shipping {fmt_rate(c.shipping)}, end to end {fmt_rate(c.e2e)}",
+                        flush=True,
+                    )
         finally:
             current.stop_all()
             net.close()
+    cases = [merge([r for r in runs if r.rtt_ms == rtt]) for rtt in rtts]
     base = next((c for c in cases if c.rtt_ms == 0), cases[0])
     rows: list[Row] = []
     series: dict[str, Any] = {"rtt_ms": [], "ping_ms": [], "shipping": [], "e2e": []}
@@ -312,7 +343,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     fmt_ratio(ratio),
                     f">= {target:.1f}x" if target else "",
                     (ratio >= target) if target else None,
-                    miss(ratio, target, higher_is_better=True) if target else "",
+                    (miss(ratio, target, higher_is_better=True) if target else "")
+                    + f" [median of {len(c.rounds)} interleaved rounds: "
+                    + " / ".join(fmt_rate(r[0 if name == "shipping" else 1]) for r in c.rounds)
+                    + "]",
                 )
             )
         trips = ", ".join(f"{stage} {n:.1f}" for stage, n in c.trips.items())
