@@ -228,6 +228,9 @@ def run_pipeline(
 
 def run_naive(current: Session, records: int, concurrency: int) -> float:
     """Records/s of the one-task-per-record design, measured on disk."""
+    # The naive app reads its broker when imported: the same Redis database as the worker below
+    # (REDIS_HOST / REDIS_PORT), not its default.
+    os.environ.setdefault("BENCH_BROKER_URL", BENCH_REDIS_URL)
     import naive_app  # the bench-only Celery app (its import needs no broker)
 
     flush_bench_db()
