@@ -75,6 +75,9 @@ def chart_batch(tables: list[dict[str, Any]], out: Path, drawn: list[str]) -> st
         ax.plot([s["amqp"]["batch"]], [s["amqp"]["sustained"]], "s", label="RabbitMQ broker")
     ax.axhline(50_000, color="grey", linestyle=":", label="target 50,000/s")
     ax.set_xscale("log")
+    ticks = sorted({b for b, _ in pairs} | ({s["amqp"]["batch"]} if s.get("amqp") else set()))
+    ax.set_xticks(ticks, [f"{b:,}" for b in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("records per reporter batch")
     ax.set_ylabel("records/s on disk (sustained)")
     ax.set_title(f"End to end into CSV vs batch size (worker -c {s.get('concurrency', 2)})")
@@ -160,12 +163,11 @@ def chart_app(tables: list[dict[str, Any]], out: Path, drawn: list[str]) -> str 
                 continue
             on, off = _ms(row["value"]), _ms(row["baseline"])
             if on is not None and off is not None:
-                found.append(
-                    (f"{title.split(' ', 1)[-1][:28]}: {row['measurement'][:30]}", off, on)
-                )
+                label = f"{title.split(' ', 1)[-1][:40]}\n{row['measurement'][:40]}"
+                found.append((label, off, on))
     if not found:
         return "app-latency.png: no WSGI / ASGI latency rows (that benchmark did not run)"
-    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(found) + 1.8))
+    fig, ax = plt.subplots(figsize=(8.0, 0.7 * len(found) + 1.8))
     labels = [name for name, _, _ in found]
     y = range(len(found))
     ax.barh([i + 0.2 for i in y], [off for _, off, _ in found], 0.4, label="analytics off")
