@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo run test lint servers servers-stop bench soak fuzz flower-screenshots
+.PHONY: install demo run test lint servers servers-stop bench bench-charts soak fuzz flower-screenshots
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,15 @@ bench: install servers
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python bench/run_all.py
+
+# The charts of docs/bench/ from one real run: every benchmark (quick durations unless
+# BENCH_ARGS is set otherwise), its rows kept in bench/results.json, then bench/charts.py.
+BENCH_ARGS ?= --quick
+bench-charts: install servers
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	-$(BIN)/python bench/run_all.py $(BENCH_ARGS) --save bench/results.json
+	$(BIN)/python bench/charts.py bench/results.json --out docs/bench
 
 # Redis SIGKILLed and restarted (AOF, fsync always) many times under load: zero lost each time.
 SOAK_LOOPS ?= 20

@@ -1,7 +1,12 @@
 """Records per second into MongoDB, Elasticsearch, Kafka, InfluxDB, syslog and Prometheus
 counters: raw client, our pumps, and end to end.
 
-    python bench/bench_stores.py --records 50000
+    python bench/bench_stores.py --records 50000 [--pin none|pinned|both] [--pin-cpu 1]
+
+``--pin pinned`` pins the MongoDB and Elasticsearch servers (every thread of the processes
+listening on their ports) to ``--pin-cpu`` with ``taskset`` for the whole run, so the raw client
+and the end-to-end run meet the same server on the same core; their earlier CPUs are given back
+afterwards. ``--pin both`` runs everything unpinned, then pinned, and labels the rows.
 
 For each store, the same records are written three ways, each into a fresh collection or index:
 
@@ -39,13 +44,16 @@ use 12), which they flush: the benchmark owns that database while it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -744,10 +752,54 @@ def bench_kafka(args: argparse.Namespace, records: list[AnalyticsRecord]) -> lis
     return rows
 
 
+def _port(url: str, default: int) -> int:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).port or default
+
+
+def listening_pids(port: int) -> list[int]:
+    """The processes listening on a local TCP port (``ss -ltnpH``)."""
+    done = subprocess.run(
+        ["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, timeout=30
+    )
+    return sorted({int(pid) for pid in re.findall(r"pid=(\d+)", done.stdout)})
+
+
+@contextlib.contextmanager
+def pinned_servers(ports: list[int], cpus: str | None) -> Iterator[str]:
+    """Pin every thread of the servers on ``ports`` to ``cpus`` (``taskset -a``) while the block
+    runs, then give them back the CPUs they had; with ``cpus`` None, leave them alone."""
+    if cpus is None:
+        yield "unpinned"
+        return
+    previous: dict[int, set[int]] = {}
+    try:
+        for port in ports:
+            for pid in listening_pids(port):
+                previous[pid] = os.sched_getaffinity(pid)
+                subprocess.run(
+                    ["taskset", "-a", "-cp", cpus, str(pid)],
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
+                )
+        if not previous:
+            print("  --pin: no server found listening on " + str(ports), file=sys.stderr)
+        yield f"servers pinned to cpu {cpus}"
+    finally:
+        for pid, mask in previous.items():
+            cpu_list = ",".join(str(c) for c in sorted(mask))
+            subprocess.run(
+                ["taskset", "-a", "-cp", cpu_list, str(pid)], capture_output=True, timeout=30
+            )
+
+
 def print_table(rows: list[Row]) -> None:
     baseline: dict[str, float] = {}
+    width = max([16, *(len(row.store) for row in rows)])
     header = (
-        f"{'store':<16} {'method':<36} {'records':>8} {'seconds':>8} {'records/s':>10} "
+        f"{'store':<{width}} {'method':<36} {'records':>8} {'seconds':>8} {'records/s':>10} "
         f"{'vs raw':>7}"
     )
     print(header)
@@ -756,7 +808,7 @@ def print_table(rows: list[Row]) -> None:
         baseline.setdefault(row.store, row.rate)
         ratio = row.rate / baseline[row.store]
         print(
-            f"{row.store:<16} {row.method:<36} {row.records:>8} {row.seconds:>8.2f} "
+            f"{row.store:<{width}} {row.method:<36} {row.records:>8} {row.seconds:>8.2f} "
             f"{row.rate:>10.0f} {ratio:>6.2f}x"
         )
 
@@ -793,6 +845,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--redis-host", default=os.environ.get("REDIS_HOST", "127.0.0.1"))
     parser.add_argument("--redis-port", type=int, default=int(os.environ.get("REDIS_PORT", "6379")))
     parser.add_argument("--redis-db", type=int, default=DEFAULT_REDIS_DB, help="flushed!")
+    parser.add_argument(
+        "--pin",
+        choices=("none", "pinned", "both"),
+        default="none",
+        help="pin the MongoDB / Elasticsearch servers to --pin-cpu (taskset) for the whole run "
+        "(raw and e2e alike); 'both' runs everything unpinned, then pinned",
+    )
+    parser.add_argument("--pin-cpu", default="1", help="the CPU list the servers are pinned to")
     args = parser.parse_args(argv)
 
     records = make_records(args.records, args.batch_size)
@@ -806,9 +866,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "kafka": bench_kafka,
     }
     rows: list[Row] = []
-    for store in args.stores.split(","):
-        print(f"... {store}", file=sys.stderr)
-        rows += benches[store](args, records)
+    modes = {"none": [False], "pinned": [True], "both": [False, True]}[args.pin]
+    ports = [_port(args.mongo_uri, 27017), _port(args.es_url, 9200)]
+    for pinned in modes:
+        with pinned_servers(ports, args.pin_cpu if pinned else None) as label:
+            for store in args.stores.split(","):
+                print(f"... {store} ({label})", file=sys.stderr)
+                found = benches[store](args, records)
+                if args.pin != "none":
+                    for row in found:
+                        row.store = f"{store} [{label}]"
+                rows += found
     print(
         f"\n{args.records} records, batches of {args.batch_size}, "
         f"MongoDB {args.mongo_uri}, Elasticsearch {args.es_url}\n"

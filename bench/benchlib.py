@@ -89,13 +89,31 @@ def print_table(title: str, rows: Sequence[Row]) -> None:
     print(render_table(title, rows), flush=True)
 
 
-def save_rows(path: str | None, title: str, rows: Sequence[Row]) -> None:
-    """Append the rows as one JSON line (for run_all.py's combined table)."""
+def save_rows(
+    path: str | None, title: str, rows: Sequence[Row], *, series: dict[str, Any] | None = None
+) -> None:
+    """Append the rows as one JSON line (for run_all.py's combined table).
+
+    ``series`` (optional) are the measured figures behind the rows, for bench/charts.py.
+    """
     if not path:
         return
     with open(path, "a", encoding="utf-8") as handle:
-        data = {"title": title, "rows": [asdict(r) for r in rows]}
+        data: dict[str, Any] = {"title": title, "rows": [asdict(r) for r in rows]}
+        if series is not None:
+            data["series"] = series
         handle.write(json.dumps(data) + "\n")
+
+
+def load_series(path: str) -> dict[str, dict[str, Any]]:
+    """title -> the ``series`` saved with it (the last one of each title wins)."""
+    out: dict[str, dict[str, Any]] = {}
+    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as handle:
+        for line in handle:
+            data = json.loads(line)
+            if "series" in data:
+                out[data["title"]] = data["series"]
+    return out
 
 
 def load_rows(path: str) -> list[tuple[str, list[Row]]]:

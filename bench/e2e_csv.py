@@ -14,15 +14,25 @@ accepted record is on disk (at-least-once: duplicates would show as more rows).
 Naive design (bench/naive_app.py): ``--naive-records`` single-record tasks are queued first, then
 a worker with the same concurrency drains them; its rate is (rows - 1) / (last row - first row).
 
-Targets: sustained >= 50,000 records/s, and >= 100x the naive design.
+AMQP (``--amqp URL``, default a virtual host ``iam-pump-bench`` on the local RabbitMQ, created
+with ``rabbitmqctl`` if missing; ``--amqp ''`` skips it): the same run with batch
+``--amqp-batch`` (5000) and ``broker-url`` set to RabbitMQ, where the batches ride inside the task
+messages; compared with the Redis broker's run of the same batch size.
+
+Targets: sustained >= 50,000 records/s, and >= 100x the naive design; AMQP >= 50,000 records/s and
+>= 0.6x the Redis broker.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 from benchlib import (
     BENCH_REDIS_URL,
@@ -50,6 +60,10 @@ from app.messages import INGEST_QUEUE, pump_queue
 TITLE = "3. end to end into CSV"
 RATE_TARGET = 50_000.0
 NAIVE_RATIO_TARGET = 100.0
+AMQP_RATIO_TARGET = 0.6
+AMQP_BATCH = 5000
+#: A virtual host of the benchmark's own, created with rabbitmqctl when it is missing.
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/iam-pump-bench"
 POOL_SIZE = 4
 DRAIN_TIMEOUT_S = 300.0
 SAMPLE_EVERY_S = 1.0
@@ -80,15 +94,66 @@ class E2EResult:
         return max(0, self.accepted - self.final_rows)
 
 
+class Backlog:
+    """Task messages waiting in the ingest and pump queues, on a Redis or an AMQP broker."""
+
+    def __init__(self, broker: str | None) -> None:
+        self.queues = (INGEST_QUEUE, pump_queue("csv"))
+        self.redis = bench_redis() if broker is None else None
+        self.amqp = None
+        if broker is not None:
+            from kombu import Connection
+
+            self.amqp = Connection(broker)
+            self.channel = self.amqp.channel()
+
+    def messages(self) -> int:
+        if self.redis is not None:
+            return sum(int(self.redis.llen(q)) for q in self.queues)
+        total = 0
+        for queue in self.queues:
+            try:
+                total += int(self.channel.queue_declare(queue, passive=True).message_count)
+            except Exception:  # not declared yet: the worker declares its queues
+                self.channel = self.amqp.channel()  # type: ignore[union-attr]
+        return total
+
+    def purge(self) -> None:
+        """Empty the AMQP queues (Redis: flush_bench_db does it)."""
+        if self.amqp is None:
+            return
+        for queue in (*self.queues, "purge"):
+            try:
+                self.channel.queue_purge(queue)
+            except Exception:
+                self.channel = self.amqp.channel()
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.close()
+        if self.amqp is not None:
+            self.amqp.release()
+
+
 def run_pipeline(
-    current: Session, batch: int, concurrency: int, duration_s: float, warmup_s: float
+    current: Session,
+    batch: int,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    broker: str | None = None,
 ) -> E2EResult:
+    """One batch size; ``broker`` an AMQP URL (batches inside the messages), else Redis."""
     flush_bench_db()
-    tmp = current.tmp / f"batch-{batch}"
+    name = f"batch-{batch}" + ("-amqp" if broker else "")
+    tmp = current.tmp / name
     tmp.mkdir()
     analytics = {"pool-size": POOL_SIZE, "records-buffer-size": POOL_SIZE * batch}
-    config = write_config(tmp / "config.yaml", bench_config(tmp, analytics=analytics))
-    worker = current.worker(config, concurrency=concurrency, name=f"e2e{batch}")
+    extra = {"broker-url": broker} if broker else {}
+    config = write_config(tmp / "config.yaml", bench_config(tmp, analytics=analytics, **extra))
+    backlog_of = Backlog(broker)
+    backlog_of.purge()
+    worker = current.worker(config, concurrency=concurrency, name=name.replace("-", ""))
     counter = CsvCounter(tmp / "csv")
     out = tmp / "producer.json"
     producer = current.producer(
@@ -98,11 +163,10 @@ def run_pipeline(
         str(duration_s),
         "--out",
         str(out),
-        log_name=f"producer-{batch}.log",
+        log_name=f"producer-{name}.log",
     )
     start = time.monotonic()
     samples: list[tuple[float, int]] = []
-    client = bench_redis()
     paused = False
     paused_s = paused_at = 0.0
     next_sample = start
@@ -112,7 +176,7 @@ def run_pipeline(
             samples.append((now - start, counter.count()))
             next_sample += SAMPLE_EVERY_S
         # Keep the backlog in Redis bounded: pause the reporter process while it is too long.
-        backlog = batch * sum(int(client.llen(q)) for q in (INGEST_QUEUE, pump_queue("csv")))
+        backlog = batch * backlog_of.messages()
         if not paused and backlog > MAX_BACKLOG_RECORDS:
             producer.popen.send_signal(signal.SIGSTOP)
             paused, paused_at = True, now
@@ -124,7 +188,6 @@ def run_pipeline(
         if paused and time.monotonic() - start > duration_s + 5:
             producer.popen.send_signal(signal.SIGCONT)
             paused = False
-    client.close()
     rows_at_exit = counter.count()
     result = read_json(out)
     accepted = int(result["stats"]["shipped_records"])
@@ -147,6 +210,8 @@ def run_pipeline(
     untouched = db_untouched()
     current.stop(producer)
     current.stop(worker)
+    backlog_of.purge()
+    backlog_of.close()
     return E2EResult(
         batch=batch,
         sustained=sustained,
@@ -163,6 +228,9 @@ def run_pipeline(
 
 def run_naive(current: Session, records: int, concurrency: int) -> float:
     """Records/s of the one-task-per-record design, measured on disk."""
+    # The naive app reads its broker when imported: the same Redis database as the worker below
+    # (REDIS_HOST / REDIS_PORT), not its default.
+    os.environ.setdefault("BENCH_BROKER_URL", BENCH_REDIS_URL)
     import naive_app  # the bench-only Celery app (its import needs no broker)
 
     flush_bench_db()
@@ -209,6 +277,62 @@ def run_naive(current: Session, records: int, concurrency: int) -> float:
     return (last[1] - first[1]) / (last[0] - first[0])
 
 
+def ensure_vhost(url: str) -> None:
+    """Create the AMQP URL's virtual host (rabbitmqctl on this machine) if it is missing, so the
+    benchmark's queues do not mix with anybody else's on the default one."""
+    vhost = unquote(urlsplit(url).path.lstrip("/")) or "/"
+    if vhost == "/" or shutil.which("rabbitmqctl") is None:
+        return
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60
+    )
+    if vhost in listed.stdout.split():
+        return
+    user = urlsplit(url).username or "guest"
+    for command in (["add_vhost", vhost], ["set_permissions", "-p", vhost, user, ".*", ".*", ".*"]):
+        subprocess.run(["rabbitmqctl", "-q", *command], capture_output=True, timeout=60)
+
+
+def amqp_rows(
+    batch: int, amqp: E2EResult | None, error: str, results: list[E2EResult]
+) -> list[Row]:
+    """The RabbitMQ run against the Redis broker's run of the same batch size."""
+    if amqp is None:
+        return [Row(f"AMQP broker, batch {batch}", "not run", met=False, note=error)]
+    same = next((r for r in results if r.batch == batch), None)
+    rows = [
+        Row(
+            f"AMQP broker, batch {batch}: sustained on disk",
+            fmt_rate(amqp.sustained),
+            target=f">= {fmt_rate(RATE_TARGET)}",
+            met=amqp.sustained >= RATE_TARGET,
+            note=miss(amqp.sustained, RATE_TARGET, higher_is_better=True)
+            + f" [batches inside the messages; reporter shipped {fmt_rate(amqp.producer_rate)}; "
+            f"{amqp.final_rows:,} rows for {amqp.accepted:,} accepted]",
+        ),
+        Row(
+            f"AMQP broker, batch {batch}: records lost",
+            f"{amqp.lost:,}",
+            target="0",
+            met=amqp.lost == 0,
+        ),
+    ]
+    if same is not None:
+        ratio = amqp.sustained / same.sustained
+        rows.append(
+            Row(
+                f"AMQP vs Redis broker, batch {batch}",
+                fmt_rate(amqp.sustained),
+                f"Redis {fmt_rate(same.sustained)}",
+                fmt_ratio(ratio),
+                f">= {AMQP_RATIO_TARGET}x",
+                ratio >= AMQP_RATIO_TARGET,
+                miss(ratio, AMQP_RATIO_TARGET, higher_is_better=True),
+            )
+        )
+    return rows
+
+
 def _celery(app: str) -> list[str]:
     from benchlib import PYTHON
 
@@ -234,6 +358,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--batches", default="5000,2000,1000,500")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--naive-records", type=int, default=5000)
+    parser.add_argument(
+        "--amqp",
+        default=os.environ.get("BENCH_AMQP_URL", DEFAULT_AMQP_URL),
+        help="RabbitMQ broker for the AMQP run ('' to skip it)",
+    )
+    parser.add_argument("--amqp-batch", type=int, default=AMQP_BATCH)
     parser.add_argument("--quick", action="store_true", help="15 s per case, 3 s warm-up")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--save", help="append the rows as JSON to this file (run_all.py)")
@@ -245,6 +375,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
         for batch in batches:
             results.append(run_pipeline(current, batch, args.concurrency, duration_s, warmup_s))
             print(f"  batch {batch}: {fmt_rate(results[-1].sustained)} sustained", flush=True)
+        amqp: E2EResult | None = None
+        amqp_error = ""
+        if args.amqp:
+            try:
+                ensure_vhost(args.amqp)
+                amqp = run_pipeline(
+                    current, args.amqp_batch, args.concurrency, duration_s, warmup_s, args.amqp
+                )
+                print(f"  AMQP batch {args.amqp_batch}: {fmt_rate(amqp.sustained)}", flush=True)
+            except Exception as exc:  # RabbitMQ missing or unreachable: reported as a miss
+                amqp_error = f"{type(exc).__name__}: {exc}"
         naive = run_naive(current, args.naive_records, args.concurrency)
     flush_bench_db()
     best = max(results, key=lambda r: r.sustained)
@@ -286,10 +427,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
             + f" [naive: {args.naive_records:,} records, -c {args.concurrency}]",
         )
     )
+    if args.amqp:
+        rows += amqp_rows(args.amqp_batch, amqp, amqp_error, results)
     if not all(r.untouched for r in results):
         rows.append(INTERFERENCE)
     print_table(TITLE, rows)
-    save_rows(args.save, TITLE, rows)
+    series = {
+        "batch": [r.batch for r in results],
+        "sustained": [r.sustained for r in results],
+        "concurrency": args.concurrency,
+        "amqp": None if amqp is None else {"batch": amqp.batch, "sustained": amqp.sustained},
+    }
+    save_rows(args.save, TITLE, rows, series=series)
     return rows
 
 

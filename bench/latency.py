@@ -39,6 +39,8 @@ TITLE = "5. latency record_hit -> CSV"
 P50_TARGET_S = 1.0
 P99_TARGET_S = 3.0
 POLL_S = 0.02
+#: Points of the latency distribution saved with the rows (``--save``), for bench/charts.py.
+CDF_POINTS = 200
 TAIL_AFTER_S = 30.0
 STAMP = re.compile(rb"lat=(\d+)")
 
@@ -151,7 +153,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if interference:
         rows.append(interference)
     print_table(TITLE, rows)
-    save_rows(args.save, TITLE, rows)
+    # For bench/charts.py's CDF: the latency at each of 200 evenly spaced quantiles.
+    quantiles = [i / CDF_POINTS for i in range(1, CDF_POINTS + 1)]
+    series = {
+        "rate": args.rate,
+        "records": len(ordered),
+        "percentiles_s": {"p50": p50 / 1e9, "p90": p90 / 1e9, "p99": p99 / 1e9},
+        "cdf": [[q, percentile(ordered, q) / 1e9] for q in quantiles] if ordered else [],
+    }
+    save_rows(args.save, TITLE, rows, series=series)
     return rows
 
 

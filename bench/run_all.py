@@ -1,6 +1,7 @@
 """Run every benchmark of this folder, one process each, and print one combined table.
 
     .venv/bin/python bench/run_all.py [--quick] [--only record_hit,e2e_csv] [--soak-s 600]
+                                      [--save bench/results.json]
 
 ``--quick`` passes ``--quick`` to each benchmark (short durations: about 8 minutes in all);
 without it each runs with its own defaults (about 20 minutes; ``--soak-s 600`` adds the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +34,10 @@ BENCHMARKS = [
     "memory",
     "scale_out",
     "stage_costs",
+    "network_rtt",
+    "fanout",
+    "capacity",
+    "ceiling",
 ]
 
 
@@ -60,6 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="short durations")
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
     parser.add_argument("--soak-s", type=float, help="memory.py worker soak (600 = full run)")
+    parser.add_argument(
+        "--save",
+        help="also keep every benchmark's rows and series in this file (JSON lines, replaced; "
+        "bench/charts.py draws from it)",
+    )
     args = parser.parse_args(argv)
     chosen = [n for n in args.only.split(",") if n] or BENCHMARKS
     unknown = sorted(set(chosen) - set(BENCHMARKS))
@@ -80,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             if code:
                 failures.append(Row(f"{name}.py", f"exit status {code}", met=False))
         tables = load_rows(str(save))
+        if args.save:
+            shutil.copyfile(save, args.save)
     combined: list[Row] = []
     for title, rows in tables:
         tag = title.split(".")[0] if title[:1].isdigit() else title.split()[0]

@@ -165,7 +165,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if not all(r["untouched"] for r in results.values()):
         rows.append(INTERFERENCE)
     print_table(TITLE, rows)
-    save_rows(args.save, TITLE, rows)
+    series = {
+        "layouts": list(results),
+        "processes": [sum(layout) for _, layout in LAYOUTS if _ in results],
+        "rate": [r["rate"] for r in results.values()],
+    }
+    save_rows(args.save, TITLE, rows, series=series)
     return rows
 
 

@@ -53,14 +53,14 @@ def csv_module_text(records: list[AnalyticsRecord]) -> str:
     return buffer.getvalue()
 
 
-def main(argv: list[str] | None = None) -> list[Row]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="same as the default")
-    parser.add_argument("--save", help="append the rows as JSON to this file (run_all.py)")
-    args = parser.parse_args(argv)
-    n, rounds = args.batch, args.rounds
+def measure(batch: int = 5000, rounds: int = 5) -> list[tuple[str, str, float]]:
+    """``(part, stage, us per record)`` of every stage, the baseline first (part ``baseline``).
+
+    Parts: ``reporter``, ``ingest`` (worker: the ingest task), ``write`` (worker: one pump's
+    write task), ``what-if``. A stage whose name starts with two spaces is a part of the one
+    above it, left out of totals.
+    """
+    n = batch
     records = [make_record(i) for i in range(n)]
     expire_at = datetime.now(UTC) + timedelta(days=1)
     reporter = Analytics(AnalyticsOptions())
@@ -105,24 +105,24 @@ def main(argv: list[str] | None = None) -> list[Row]:
             lambda: memory.ship("batch", rows),
         ),
         ("reporter", "  of which codec.encode_envelope", lambda: encode_envelope("batch", rows)),
-        ("worker", "codec.decode_envelope (unpack + validate)", lambda: decode_envelope(envelope)),
-        ("worker", "codec.encode_clean_batch", lambda: encode_clean_batch(batch_id, good)),
-        ("worker", "codec.decode_clean_batch (records)", lambda: decode_clean_batch(clean)),
-        ("worker", "pipeline (size limit)", lambda: run_pipeline(steps, list(decoded))),
+        ("ingest", "codec.decode_envelope (unpack + validate)", lambda: decode_envelope(envelope)),
+        ("ingest", "codec.encode_clean_batch", lambda: encode_clean_batch(batch_id, good)),
+        ("write", "codec.decode_clean_batch (records)", lambda: decode_clean_batch(clean)),
+        ("write", "pipeline (size limit)", lambda: run_pipeline(steps, list(decoded))),
         (
-            "worker",
+            "write",
             "CSVPump.write (format + append)",
             lambda: pump.write(decoded, deadline=Deadline.after(60)),
         ),
-        ("worker", "  of which csv_row for each record", lambda: [csv_row(r) for r in decoded]),
+        ("write", "  of which csv_row for each record", lambda: [csv_row(r) for r in decoded]),
         (
-            "worker",
+            "write",
             "  of which go_time_string for each record",
             lambda: [go_time_string(r.expire_at) for r in decoded],
         ),
     ]
     stages += [
-        ("worker", "  of which csv_text (the batch's CSV text)", lambda: csv_text(decoded)),
+        ("write", "  of which csv_text (the batch's CSV text)", lambda: csv_text(decoded)),
         (
             "what-if",
             "csv.writer over csv_row of each record (what csv_text replaced)",
@@ -130,11 +130,28 @@ def main(argv: list[str] | None = None) -> list[Row]:
         ),
     ]
     baseline = best_us_per_record(raw_pack, n, rounds)
+    measured = [("baseline", "msgpack.packb per record", baseline)]
+    for part, name, function in stages:
+        measured.append((part, name, best_us_per_record(function, n, rounds)))
+    memory.close()
+    pump.close()
+    folder.cleanup()
+    return measured
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="same as the default")
+    parser.add_argument("--save", help="append the rows as JSON to this file (run_all.py)")
+    args = parser.parse_args(argv)
+    measured = measure(args.batch, args.rounds)
+    baseline = measured[0][2]
     table = [Row("baseline: msgpack.packb per record", f"{baseline:.2f} us")]
-    totals = {"reporter": 0.0, "worker": 0.0, "what-if": 0.0}
-    for side, name, function in stages:
-        cost = best_us_per_record(function, n, rounds)
-        if not name.startswith("  "):
+    totals = {"reporter": 0.0, "ingest": 0.0, "write": 0.0}
+    for side, name, cost in measured[1:]:
+        if not name.startswith("  ") and side in totals:
             totals[side] += cost
         table.append(
             Row(
@@ -142,21 +159,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
             )
         )
     for side, total in totals.items():
-        if side == "what-if":
-            continue
         table.append(
             Row(
                 f"{side}: total of the stages above",
                 f"{total:.2f} us",
-                note=f"at most {1e6 / total:,.0f} records/s per core for this side's own "
+                note=f"at most {1e6 / total:,.0f} records/s per core for this part's own "
                 "Python work (no broker, no Celery worker loop)",
             )
         )
-    memory.close()
-    pump.close()
-    folder.cleanup()
-    print_table(f"{TITLE}, batch {n}", table)
-    save_rows(args.save, TITLE, table)
+    print_table(f"{TITLE}, batch {args.batch}", table)
+    save_rows(args.save, TITLE, table, series={"stages": measured})
     return table
 
 

@@ -72,43 +72,67 @@ def _ingest(task: DeliveryTask, envelope: bytes) -> dict[str, Any]:
             rejected[0].reason,
         )
         context.dead_letters.put_malformed(batch_id, rejected)
+    counts: dict[str, int] = {
+        Counter.INGESTED_BATCHES: 1,
+        Counter.INGESTED_RECORDS: len(rows),
+        Counter.MALFORMED_RECORDS: len(rejected),
+    }
     sent: list[str] = []
     if rows:
-        sent = _fan_out_once(task, batch_id, encode_clean_batch(batch_id, rows))
-    context.stats.add(
-        {
-            Counter.INGESTED_BATCHES: 1,
-            Counter.INGESTED_RECORDS: len(rows),
-            Counter.MALFORMED_RECORDS: len(rejected),
-        }
-    )
+        sent = _fan_out_once(task, batch_id, encode_clean_batch(batch_id, rows), counts)
+    else:
+        context.stats.add(counts)
     return {"batch": batch_id, "records": len(rows), "rejected": len(rejected), "sent": sent}
 
 
-def _fan_out_once(task: DeliveryTask, batch_id: str, clean: bytes) -> list[str]:
+def _fan_out_once(
+    task: DeliveryTask, batch_id: str, clean: bytes, counts: dict[str, int]
+) -> list[str]:
+    # Round trips: the lock and the markers are read together, and the lock's release goes with
+    # the counters; the fan-out itself is unchanged.
     context = task.context
     lock = RedisLock(
         context.redis, context.settings.key("ingest", batch_id, "lock"), ttl_ms=FAN_OUT_LOCK_TTL_MS
     )
-    if not lock.acquire():
+    pipe = context.redis.pipeline(transaction=False)
+    lock.acquire_in(pipe)
+    pipe.hkeys(context.settings.key("ingest", batch_id))
+    taken, already = pipe.execute()
+    if not taken:
         logger.info("ingest: batch %s is being fanned out by another copy; later", batch_id)
         task.put_back(None, countdown_s=FAN_OUT_BUSY_RETRY_S)
     try:
-        return fan_out(context, batch_id, clean)
-    finally:
+        sent = fan_out(context, batch_id, clean, already=already)
+    except BaseException:
         lock.release()
+        raise
+    pipe = context.redis.pipeline(transaction=False)
+    lock.release_in(pipe)
+    context.stats.add(counts, pipe=pipe)
+    results = pipe.execute(raise_on_error=False)
+    context.stats.check(counts, results[1:])
+    if isinstance(results[0], Exception):
+        logger.warning(
+            "ingest: lock of batch %s not released (%s); it expires", batch_id, results[0]
+        )
+    return sent
 
 
-def fan_out(context: WorkerContext, batch_id: str, clean: bytes) -> list[str]:
+def fan_out(
+    context: WorkerContext, batch_id: str, clean: bytes, *, already: list[Any] | None = None
+) -> list[str]:
     """Send the clean batch to each enabled pump that does not have it yet; return those sent.
 
     With the Redis broker the batch is kept once (:mod:`app.stores.batches`) and each write task
-    names it; otherwise each write task carries the bytes.
+    names it; otherwise each write task carries the bytes. ``already``: the pumps marked as sent
+    (``HKEYS`` of the batch's marker hash) when the caller read them; read here otherwise.
     """
     settings = context.settings
     sent_key = settings.key("ingest", batch_id)
-    already = {as_text(name) for name in context.redis.hkeys(sent_key)}
-    missing = [name for name in settings.enabled_pumps if name not in already]
+    if already is None:
+        already = context.redis.hkeys(sent_key)
+    done = {as_text(name) for name in already}
+    missing = [name for name in settings.enabled_pumps if name not in done]
     if not missing:
         return []
     if context.batches is not None:

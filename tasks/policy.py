@@ -36,8 +36,9 @@ from redis.exceptions import RedisClusterException
 
 from app.backoff import backoff_s
 from app.messages import BatchRef
-from app.stores.batches import BatchLostError, ByteStore
+from app.stores.batches import BatchLostError, BatchStore, ByteStore
 from app.stores.ledger import LEASE_TTL_MS, ledger_member
+from app.stores.locks import RedisLock
 from app.stores.stats import PumpCounter, per_pump
 from app.worker_context import WorkerContext, current_context
 
@@ -89,7 +90,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
         finished with them, or they are gone from Redis (then reported as a ``lost`` entry).
 
         Either way ``claim`` is settled in the ledger; while there is work, the ledger learns
-        that a task for it started.
+        that a task for it started (the stores record that with the read itself).
         """
         if ref.key is not None:
             self.request.ledger_member = ledger_member(claim, ref.key)
@@ -103,18 +104,21 @@ class DeliveryTask(Task):  # type: ignore[misc]
                 logger.info("%s: batch %s was already done by another copy", group, ref.name)
         if data is None:
             ref.release(store, claim)
-        else:
-            self._progress()
+        # Otherwise the store's load told the ledger, in the same round trip, that a task for
+        # ``claim`` started.
         return data
 
     @contextlib.contextmanager
-    def lease(self, ref: BatchRef, claim: str) -> Iterator[None]:
+    def lease(self, ref: BatchRef, claim: str) -> Iterator[Held]:
         """Hold the lease of ``claim`` while the body runs, renewed by this process's heartbeat,
         so no other copy of the task writes the batch at the same time. A copy that finds the
-        lease taken is put back until the holder is done or its lease has expired."""
+        lease taken is put back until the holder is done or its lease has expired.
+
+        The body gives up its claim with the :class:`Held` it gets (the lease goes in the same
+        round trip)."""
         context = self.context
         if ref.key is None or context.ledger is None or context.heartbeat is None:
-            yield
+            yield Held(None)
             return
         member = ledger_member(claim, ref.key)
         lease = context.ledger.lease(member, LEASE_TTL_MS)
@@ -123,11 +127,13 @@ class DeliveryTask(Task):  # type: ignore[misc]
             logger.info("%s: another copy is writing batch %s; put back", claim, ref.name)
             self.put_back(None, countdown_s=wait_s)
         context.heartbeat.add(member, lease)
+        held = Held(lease)
         try:
-            yield
+            yield held
         finally:
             context.heartbeat.remove(member)
-            lease.release()
+            if not held.lease_released:
+                lease.release()
 
     def _progress(self) -> None:
         # Record in the ledger that this task's claim moves (started, or will run again).
@@ -178,6 +184,30 @@ class DeliveryTask(Task):  # type: ignore[misc]
             self.attempt,
             error,
         )
+
+
+class Held:
+    """What the body of :meth:`DeliveryTask.lease` holds: the lease, if the task has one."""
+
+    def __init__(self, lease: RedisLock | None) -> None:
+        self.lease = lease
+        self.lease_released = False
+
+    def release_claim(self, ref: BatchRef, store: BatchStore | None, claim: str) -> None:
+        """Give up ``claim`` on the batch and, in the same round trip, the lease (it is on the
+        same server: the ledger is where the bytes are)."""
+        lease = self.lease
+        if lease is None or ref.key is None or store is None or lease.client is not store.client:
+            ref.release(store, claim)
+            return
+        pipe = store.client.pipeline(transaction=False)
+        store.release_in(pipe, ref.key, claim)
+        lease.release_in(pipe)
+        released, lease_result = pipe.execute(raise_on_error=False)
+        # A lease whose release failed is released again when the block ends.
+        self.lease_released = not isinstance(lease_result, Exception)
+        if isinstance(released, Exception):
+            raise released
 
 
 def puts_back_on_trouble(body: Callable[P, R]) -> Callable[P, R]:

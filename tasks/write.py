@@ -91,13 +91,13 @@ def write(
     deadline = Deadline.after(entry.timeout_s if entry else DEFAULT_PUMP_TIMEOUT_S)
     batch = _ref(self, ref, payload, stored)
     claim = pump_claim(pump_name)
-    with self.lease(batch, claim):
+    with self.lease(batch, claim) as held:
         # Read under the lease: a copy that waited for it finds the claim already released.
         clean = self.load_batch(batch, self.context.batches, claim=claim, group=pump_name)
         if clean is None:
             return {"batch": batch.name, "written": 0}
         result = _write(self, pump_name, clean, deadline)
-        batch.release(self.context.batches, claim)
+        held.release_claim(batch, self.context.batches, claim)
     return result
 
 

@@ -26,6 +26,7 @@ all a :class:`~app.messages.BatchRef` needs of them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from time import time
 from typing import Any, Protocol
@@ -35,6 +36,8 @@ import redis
 from app.config import DEFAULT_DEDUP_TTL_S
 from app.stores.ledger import LEDGER_KIND, ledger_member
 from app.stores.values import as_text
+
+logger = logging.getLogger(__name__)
 
 DATA_FIELD = "data"
 DONE_FIELD = "done"
@@ -102,9 +105,28 @@ class _KeptBytes:
         self._done_ttl_s = done_ttl_s
         self._ledger = f"{key_prefix}:{LEDGER_KIND}"
 
+    @property
+    def client(self) -> redis.Redis:
+        """The client of the server that keeps the bytes."""
+        return self._client
+
     def key(self, batch_id: str) -> str:
         """The key of a batch's bytes (``*`` as the id gives the pattern of them all)."""
         return f"{self._prefix}:{self.KIND}:{batch_id}"
+
+    def _read(self, key: str, claim: str, read: Callable[[Any], Any]) -> Any:
+        # The read, and in the same round trip the ledger told that a task for ``claim`` started
+        # (progress: ZADD XX, so a settled claim stays settled). A failed progress mark (a full
+        # Redis refuses ZADD) costs only the mark; a failed read raises.
+        pipe = self._client.pipeline(transaction=False)
+        read(pipe)
+        pipe.zadd(self._ledger, {ledger_member(claim, key): time()}, xx=True)
+        value, touched = pipe.execute(raise_on_error=False)
+        if isinstance(value, Exception):
+            raise value
+        if isinstance(touched, Exception):
+            logger.debug("progress of %s not recorded: %s", ledger_member(claim, key), touched)
+        return value
 
     def _count_present(self, probe: Callable[[Any, Any], Any]) -> int:
         # Keys of this store whose probe answers truthy (non-empty, has data).
@@ -139,7 +161,7 @@ class EnvelopeStore(_KeptBytes):
 
         Raises :class:`BatchLostError` when nothing is there at all.
         """
-        value = self._client.get(key)
+        value = self._read(key, claim, lambda pipe: pipe.get(key))
         if value is None:
             raise BatchLostError(f"envelope {key} is not in Redis (flushed or evicted?)")
         assert isinstance(value, bytes)
@@ -182,7 +204,9 @@ class BatchStore(_KeptBytes):
 
         Raises :class:`BatchLostError` when the batch is neither held nor marked done.
         """
-        data, done, held = self._client.hmget(key, [DATA_FIELD, DONE_FIELD, claim])
+        data, done, held = self._read(
+            key, claim, lambda pipe: pipe.hmget(key, [DATA_FIELD, DONE_FIELD, claim])
+        )
         if isinstance(data, bytes):
             return data if held is not None else None
         if done is None:
@@ -194,6 +218,11 @@ class BatchStore(_KeptBytes):
         member = ledger_member(claim, key)
         left = self._client.eval(_RELEASE, 2, key, self._ledger, claim, self._done_ttl_s, member)
         return max(0, int(left))
+
+    def release_in(self, pipe: redis.client.Pipeline, key: str, claim: str) -> None:
+        """Queue :meth:`release` on ``pipe``, a pipeline of :attr:`client`."""
+        member = ledger_member(claim, key)
+        pipe.eval(_RELEASE, 2, key, self._ledger, claim, self._done_ttl_s, member)
 
     def holders(self, key: str) -> list[str]:
         """The pumps that still have to write the batch."""

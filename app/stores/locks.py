@@ -39,9 +39,17 @@ class RedisLock:
         """Take the lock if it is free; True when taken."""
         return bool(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
 
+    def acquire_in(self, pipe: redis.client.Pipeline) -> None:
+        """Queue :meth:`acquire` on ``pipe`` (same server): its answer is truthy when taken."""
+        pipe.set(self.key, self.token, nx=True, px=self.ttl_ms)
+
     def release(self) -> bool:
         """Give the lock up if it is still ours; True when it was."""
         return bool(self.client.eval(_RELEASE_IF_OWNER, 1, self.key, self.token))
+
+    def release_in(self, pipe: redis.client.Pipeline) -> None:
+        """Queue :meth:`release` on ``pipe`` (same server): its answer is 1 when it was ours."""
+        pipe.eval(_RELEASE_IF_OWNER, 1, self.key, self.token)
 
     def extend(self) -> bool:
         """Give a lock still ours its full TTL again; False when it was lost (expired, taken)."""

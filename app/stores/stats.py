@@ -160,6 +160,17 @@ class Stats:
             except redis.exceptions.OutOfMemoryError as exc:
                 logger.warning("counters %s not added, Redis is full: %s", counts, exc)
 
+    def check(self, counts: dict[str, int], results: list[object]) -> None:
+        """The answers of additions queued with ``pipe`` and executed with
+        ``raise_on_error=False``: a full Redis (OOM) is logged, as in :meth:`add`; any other
+        error raises."""
+        for result in results:
+            if isinstance(result, redis.exceptions.OutOfMemoryError):
+                logger.warning("counters %s not added, Redis is full: %s", counts, result)
+                return
+            if isinstance(result, Exception):
+                raise result
+
     def read(self) -> StatsSnapshot:
         """Every counter now."""
         raw = self._client.hgetall(self.key)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import redis
 
@@ -140,3 +142,39 @@ def test_a_batch_ref_loads_and_releases_through_its_store(redis_db: redis.Redis)
     inline.release(None, CSV)  # nothing kept, nothing to release
     with pytest.raises(ValueError, match="no store"):
         BatchRef(key=key).load(None, CSV)
+
+
+class _CountingConnection(redis.Connection):
+    """A real connection that counts its round trips (one per command or pipeline sent)."""
+
+    sent = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sent += 1
+        super().send_packed_command(command, check_health)
+
+
+def test_a_load_records_progress_of_an_owed_claim_in_the_same_round_trip(
+    redis_db: redis.Redis,
+) -> None:
+    kwargs = redis_db.connection_pool.connection_kwargs
+    pool = redis.ConnectionPool(connection_class=_CountingConnection, **kwargs)
+    client = redis.Redis(connection_pool=pool)
+    store = BatchStore(client, SETTINGS.key_prefix, done_ttl_s=SETTINGS.delivery.dedup_ttl_s)
+    envelopes = EnvelopeStore(client, SETTINGS.key_prefix)
+    ledger = f"{SETTINGS.key_prefix}:ledger"
+    batch, envelope = store.key("b9"), envelopes.put("b9", b"env")
+    store.hold(batch, b"x", ["csv"])
+    for member in (f"{CSV}|{batch}", f"ingest|{envelope}"):
+        redis_db.zadd(ledger, {member: 1.0})  # as if owed since 1970
+    before = _CountingConnection.sent
+    assert store.load(batch, CSV) == b"x"
+    assert envelopes.load(envelope) == b"env"
+    assert _CountingConnection.sent - before == 2  # each read and its progress in one trip
+    assert float(redis_db.zscore(ledger, f"{CSV}|{batch}") or 0) > 1.0
+    assert float(redis_db.zscore(ledger, f"ingest|{envelope}") or 0) > 1.0
+    # A settled claim stays settled: loading a released batch does not bring it back.
+    store.release(batch, CSV)
+    assert store.load(batch, CSV) is None
+    assert redis_db.zscore(ledger, f"{CSV}|{batch}") is None
+    client.close()
