@@ -29,6 +29,7 @@ BENCHMARKS = [
     "e2e_csv",
     "latency",
     "wsgi_overhead",
+    "asgi_overhead",
     "memory",
     "scale_out",
     "stage_costs",
