@@ -206,6 +206,9 @@ class Analytics:
         # in time, so it is counted instead: from here on whatever the buffer holds is lost.
         self._closed.set()
         self._wake()
+        if self._helper is not None and self._threads and self._threads[0].is_alive():
+            # The cutter may be blocked writing to a helper that hangs: killing it unblocks.
+            self._helper.terminate()
         self._join_threads(STOP_GRACE_S)  # shippers still retrying give up their batch
         if self._transport is not None:
             self._transport.close()

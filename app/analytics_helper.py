@@ -142,6 +142,13 @@ class HelperProcess:
             with contextlib.suppress(OSError):
                 self._proc.stdin.close()
 
+    def terminate(self) -> None:
+        """SIGKILL the helper, from any thread (its pipes are left to the cutter)."""
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                proc.kill()
+
     def wait_exit(self, timeout_s: float) -> None:
         """Wait for the helper to end by itself (after :meth:`finish_input`)."""
         if self._proc is not None:

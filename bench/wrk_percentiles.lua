@@ -1,7 +1,12 @@
--- wsgi_overhead.py / asgi_overhead.py: one parseable line with what wrk --latency leaves out.
+-- wsgi_overhead.py / asgi_overhead.py: the run's counts and its latency quantile function on a
+-- grid fine enough near the tail (0.5% steps to 99%, then 0.01% steps), so that short runs can
+-- be merged into one distribution.
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("BENCH requests=%d duration_us=%d errors=%d p50_us=%d p99_us=%d p999_us=%d max_us=%d\n",
-    summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
-    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), latency.max))
+  io.write(string.format("BENCH requests=%d duration_us=%d errors=%d\n", summary.requests,
+    summary.duration, e.connect + e.read + e.write + e.status + e.timeout))
+  local parts = {}
+  for i = 1, 198 do parts[#parts + 1] = string.format("%d", latency:percentile(i * 0.5)) end
+  for i = 1, 100 do parts[#parts + 1] = string.format("%d", latency:percentile(99 + i * 0.01)) end
+  io.write("QUANTILES " .. table.concat(parts, " ") .. "\n")
 end

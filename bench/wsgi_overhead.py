@@ -7,10 +7,11 @@ Two servers run side by side, one with ``BENCH_ANALYTICS=1`` (each request calls
 the reporter ships to Redis database 12) and one with ``BENCH_ANALYTICS=0``: a gunicorn sync
 worker serving bench/wsgi_app.py, or (``--server uvicorn``, what bench/asgi_overhead.py runs) a
 uvicorn process serving the plain ASGI app bench/asgi_app.py. wrk (``apt-get install wrk``)
-drives them in alternating runs, off then on in odd rounds and on then off in even ones, so
-slow drifts of a noisy machine hit both; each round gives a ratio of the two runs next to each
-other, and the table shows the median over rounds. No collector runs: what the reporter ships
-is deleted between runs.
+drives them in short alternating runs (``--slice-seconds``, 1 s: off, on, on, off, off, ...),
+so that the load of a busy machine hits both alike; the runs of each mode in a round are merged
+into one latency distribution (wrk_percentiles.lua prints each run's quantile function), each
+round gives the ratio on/off, and the table shows the median over rounds. No collector runs:
+what the reporter ships is deleted between runs.
 
 Targets (default settings): p99 <= 1.10x off, p99.9 <= 1.25x off, requests/s >= 0.97x off.
 """
@@ -49,12 +50,25 @@ TITLES = {
 P99_LIMIT = 1.10
 P999_LIMIT = 1.25
 RPS_FLOOR = 0.97
-_LINE = re.compile(r"^BENCH (.*)$", re.MULTILINE)
+
+
+#: The latency percentiles wrk_percentiles.lua prints, in order.
+GRID = [i * 0.5 for i in range(1, 199)] + [99 + i * 0.01 for i in range(1, 101)]
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """One short wrk run: its counts and its latency at each :data:`GRID` percentile (s)."""
+
+    requests: int
+    duration_s: float
+    errors: int
+    quantiles: list[float]
 
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """One wrk run: requests/s and latency percentiles in seconds."""
+    """The slices of one mode in one round, merged: requests/s and latency percentiles (s)."""
 
     rps: float
     p50: float
@@ -63,23 +77,48 @@ class Run:
     errors: int
 
 
-def parse_wrk(output: str) -> Run:
-    """The numbers of the ``BENCH ...`` line that wrk_percentiles.lua prints."""
-    match = _LINE.search(output)
-    if not match:
+def parse_wrk(output: str) -> Slice:
+    """The numbers wrk_percentiles.lua prints."""
+    counts = re.search(r"^BENCH (.*)$", output, re.MULTILINE)
+    quantiles = re.search(r"^QUANTILES (.*)$", output, re.MULTILINE)
+    if not counts or not quantiles:
         raise RuntimeError(f"cannot read wrk output:\n{output}")
-    fields = dict(item.split("=") for item in match.group(1).split())
-    values = {key: int(value) for key, value in fields.items()}
+    values = {k: int(v) for k, v in (item.split("=") for item in counts.group(1).split())}
+    latencies = [int(v) / 1e6 for v in quantiles.group(1).split()]
+    if len(latencies) != len(GRID):
+        raise RuntimeError(f"expected {len(GRID)} quantiles from wrk, got {len(latencies)}")
+    return Slice(values["requests"], values["duration_us"] / 1e6, values["errors"], latencies)
+
+
+def merge(slices: list[Slice]) -> Run:
+    """One distribution from short runs: each grid point stands for its share of requests."""
+    points: list[tuple[float, float]] = []
+    for part in slices:
+        previous = 0.0
+        for percent, latency in zip(GRID, part.quantiles, strict=True):
+            points.append((latency, (percent - previous) / 100 * part.requests))
+            previous = percent
+    points.sort()
+    total = sum(weight for _, weight in points)
+
+    def quantile(fraction: float) -> float:
+        seen = 0.0
+        for latency, weight in points:
+            seen += weight
+            if seen >= fraction * total - 1e-9:
+                return latency
+        return points[-1][0]
+
     return Run(
-        rps=values["requests"] / (values["duration_us"] / 1e6),
-        p50=values["p50_us"] / 1e6,
-        p99=values["p99_us"] / 1e6,
-        p999=values["p999_us"] / 1e6,
-        errors=values["errors"],
+        rps=sum(p.requests for p in slices) / sum(p.duration_s for p in slices),
+        p50=quantile(0.5),
+        p99=quantile(0.99),
+        p999=quantile(0.999),
+        errors=sum(p.errors for p in slices),
     )
 
 
-def run_wrk(port: int, seconds: float, connections: int) -> Run:
+def run_wrk(port: int, seconds: float, connections: int) -> Slice:
     output = subprocess.run(
         [
             "wrk",
@@ -185,6 +224,12 @@ def main(argv: list[str] | None = None, *, server: str = "gunicorn") -> list[Row
     parser.add_argument("--server", choices=sorted(TITLES), default=server)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--slice-seconds",
+        type=float,
+        default=1.0,
+        help="each round alternates off and on in wrk runs this long (merged per round)",
+    )
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1, help="gunicorn workers")
     parser.add_argument("--worker-class", default="sync", help="gunicorn worker class")
@@ -235,12 +280,17 @@ def main(argv: list[str] | None = None, *, server: str = "gunicorn") -> list[Row
         # A short warm-up of each, not counted (it also starts the reporter).
         for mode in ("off", "on"):
             run_wrk(ports[mode], 2, args.connections)
-        for index in range(rounds):
-            for mode in ("off", "on") if index % 2 == 0 else ("on", "off"):
-                discard.delete(INGEST_QUEUE)
-                runs[mode].append(run_wrk(ports[mode], seconds, args.connections))
-                if mode == "on":
-                    shipped_messages += int(discard.llen(INGEST_QUEUE))
+        slices = max(1, round(seconds / args.slice_seconds))
+        for _ in range(rounds):
+            parts: dict[str, list[Slice]] = {"off": [], "on": []}
+            for index in range(slices):
+                for mode in ("off", "on") if index % 2 == 0 else ("on", "off"):
+                    discard.delete(INGEST_QUEUE)
+                    parts[mode].append(run_wrk(ports[mode], args.slice_seconds, args.connections))
+                    if mode == "on":
+                        shipped_messages += int(discard.llen(INGEST_QUEUE))
+            for mode, done in parts.items():
+                runs[mode].append(merge(done))
     discard.close()
     flush_bench_db()
     setup = (
@@ -253,7 +303,8 @@ def main(argv: list[str] | None = None, *, server: str = "gunicorn") -> list[Row
         + (f"switch interval {args.switch_interval} s, " if args.switch_interval else "")
         + (f"transport {args.what_if_transport}, " if args.what_if_transport else "")
         + (f"flush {args.flush_interval_ms} ms, " if args.flush_interval_ms else "")
-        + f"{rounds} alternating rounds of {seconds:.0f} s"
+        + f"{rounds} rounds of {seconds:.0f} s per mode, in alternating "
+        + f"{args.slice_seconds:g} s wrk runs"
     )
     errors = sum(r.errors for mode in runs.values() for r in mode)
     rows = [
