@@ -19,6 +19,7 @@ Targets (default settings): p99 <= 1.10x off, p99.9 <= 1.25x off, requests/s >= 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shutil
 import statistics
@@ -32,6 +33,7 @@ from benchlib import (
     PYTHON,
     Row,
     bench_redis,
+    cpu_s,
     flush_bench_db,
     fmt_rate,
     fmt_ratio,
@@ -39,6 +41,7 @@ from benchlib import (
     print_table,
     save_rows,
     session,
+    tree_pids,
 )
 
 from app.messages import INGEST_QUEUE
@@ -75,6 +78,35 @@ class Run:
     p99: float
     p999: float
     errors: int
+    #: CPU seconds per request of the server's processes, and of the reporter's helper alone.
+    cpu_per_request: float = 0.0
+    helper_cpu_per_request: float = 0.0
+
+
+def cpu_by_process(root: int) -> dict[int, tuple[bool, float]]:
+    """CPU seconds of a server's processes, each marked True if it is the reporter's helper."""
+    out = {}
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                helper = b"app.analytics_helper" in handle.read()
+        except OSError:
+            continue
+        out[pid] = (helper, cpu_s(pid))
+    return out
+
+
+def cpu_spent(
+    before: dict[int, tuple[bool, float]], after: dict[int, tuple[bool, float]]
+) -> tuple[float, float]:
+    """CPU seconds between two snapshots: all processes, and the helper alone."""
+    total = helper = 0.0
+    for pid, (is_helper, spent) in after.items():
+        delta = spent - before.get(pid, (is_helper, 0.0))[1]
+        total += delta
+        if is_helper:
+            helper += delta
+    return total, helper
 
 
 def parse_wrk(output: str) -> Slice:
@@ -260,11 +292,11 @@ def main(argv: list[str] | None = None, *, server: str = "gunicorn") -> list[Row
     runs: dict[str, list[Run]] = {"off": [], "on": []}
     shipped_messages = 0
     with session("app-overhead") as current:
-        ports = {}
+        ports, roots = {}, {}
         for mode in ("off", "on"):
             port = free_port()
             ports[mode] = port
-            current.start(
+            roots[mode] = current.start(
                 server_command(args.server, port, args.workers, args.worker_class),
                 log_name=f"{args.server}-{mode}.log",
                 env={
@@ -274,7 +306,7 @@ def main(argv: list[str] | None = None, *, server: str = "gunicorn") -> list[Row
                     "BENCH_REPORTER_TRANSPORT": args.what_if_transport or "",
                     "BENCH_FLUSH_INTERVAL_MS": str(args.flush_interval_ms or ""),
                 },
-            )
+            ).pid
         for port in ports.values():
             wait_http(port)
         # A short warm-up of each, not counted (it also starts the reporter).
@@ -283,14 +315,25 @@ def main(argv: list[str] | None = None, *, server: str = "gunicorn") -> list[Row
         slices = max(1, round(seconds / args.slice_seconds))
         for _ in range(rounds):
             parts: dict[str, list[Slice]] = {"off": [], "on": []}
+            before = {mode: cpu_by_process(roots[mode]) for mode in roots}
             for index in range(slices):
                 for mode in ("off", "on") if index % 2 == 0 else ("on", "off"):
                     discard.delete(INGEST_QUEUE)
                     parts[mode].append(run_wrk(ports[mode], args.slice_seconds, args.connections))
                     if mode == "on":
                         shipped_messages += int(discard.llen(INGEST_QUEUE))
+            after = {mode: cpu_by_process(roots[mode]) for mode in roots}
             for mode, done in parts.items():
-                runs[mode].append(merge(done))
+                total_s, helper_s = cpu_spent(before[mode], after[mode])
+                requests = sum(p.requests for p in done)
+                merged = merge(done)
+                runs[mode].append(
+                    dataclasses.replace(
+                        merged,
+                        cpu_per_request=total_s / max(1, requests),
+                        helper_cpu_per_request=helper_s / max(1, requests),
+                    )
+                )
     discard.close()
     flush_bench_db()
     setup = (
@@ -327,6 +370,22 @@ def main(argv: list[str] | None = None, *, server: str = "gunicorn") -> list[Row
             note=f"; {shipped_messages} batches reached Redis with analytics on",
         ),
     ]
+    on_cpu = [r.cpu_per_request for r in runs["on"]]
+    off_cpu = [r.cpu_per_request for r in runs["off"]]
+    helper_cpu = [r.helper_cpu_per_request for r in runs["on"]]
+    rows.append(
+        Row(
+            "CPU per request, analytics on (app + helper)",
+            f"{statistics.median(on_cpu) * 1e6:.0f} us",
+            f"off {statistics.median(off_cpu) * 1e6:.0f} us",
+            fmt_ratio(statistics.median(a / b for a, b in zip(on_cpu, off_cpu, strict=True))),
+            note="server processes' CPU over each round / requests served; of which the "
+            f"reporter's helper process: {statistics.median(helper_cpu) * 1e6:.1f} us; rounds: "
+            + ", ".join(
+                f"{a * 1e6:.0f}/{b * 1e6:.0f} us" for a, b in zip(on_cpu, off_cpu, strict=True)
+            ),
+        )
+    )
     # The p50 row is informational: no target.
     rows[1] = Row(
         rows[1].measurement, rows[1].value, rows[1].baseline, rows[1].ratio, note=rows[1].note
