@@ -502,9 +502,15 @@ class Analytics:
                     self._ship_failures += 1
 
     def _wait_for(self, helper: HelperProcess, timeout_s: float) -> None:
-        """Sleep until the helper answers, stop() wakes us, or ``timeout_s`` passes."""
+        """Sleep until stop() wakes us or ``timeout_s`` passes; once stopping, or when the
+        helper's answers are what frees room in the buffer, until it answers too.
+
+        Otherwise its answers wait for the next cut: counting them is not worth taking the GIL
+        from the request threads once more per batch.
+        """
         fds = [self._wake_r]
-        if helper.alive():
+        waiting_on_answers = self._stopping.is_set() or self._limit < self.options.batch_size
+        if waiting_on_answers and helper.alive():
             fds.append(helper.ack_fd)
         with contextlib.suppress(OSError, ValueError):
             ready, _, _ = select.select(fds, [], [], timeout_s)

@@ -190,7 +190,8 @@ def _serve(opts: dict[str, Any]) -> None:
     batches: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
 
     def answer(kind: str, batch_id: str) -> None:
-        with out_lock:
+        # The application may be gone (its end of the pipe closed): shipping goes on.
+        with out_lock, contextlib.suppress(OSError, ValueError):
             out.write(f"{kind} {batch_id}\n".encode("ascii"))
             out.flush()
 

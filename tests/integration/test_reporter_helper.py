@@ -8,9 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 import redis
 
@@ -114,3 +117,53 @@ def test_stop_without_start_ships_through_a_helper(redis_db: redis.Redis) -> Non
     stats = analytics.stop(timeout_s=30)
     assert stats.shipped_records == 100 and stats.lost_at_stop == 0
     assert redis_db.llen("ingest") == 1
+
+
+APP_THAT_DIES = """
+import os, signal, sys, time
+from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
+url = sys.argv[1]
+analytics = Analytics(AnalyticsOptions(broker_url=url, redis_url=url, flush_interval_ms=10))
+analytics.start()
+while analytics._helper.pid is None:  # the cutter thread starts it
+    time.sleep(0.01)
+helper = analytics._helper.pid
+os.kill(helper, signal.SIGSTOP)
+for i in range(1000):
+    analytics.record_hit(AnalyticsRecord(username=f"orphan-{i}"))
+while analytics.stats().pending < 1000:
+    time.sleep(0.01)
+print(helper, flush=True)
+time.sleep(60)
+"""
+
+
+def test_when_the_application_dies_the_helper_ships_what_it_received_and_exits(
+    redis_db: redis.Redis, tmp_path: Path
+) -> None:
+    url = redis_db.connection_pool.connection_kwargs
+    broker = f"redis://{url['host']}:{url['port']}/{url['db']}"
+    script = tmp_path / "dying_app.py"
+    script.write_text(APP_THAT_DIES, encoding="utf-8")
+    app = subprocess.Popen([sys.executable, str(script), broker], stdout=subprocess.PIPE, text=True)
+    try:
+        assert app.stdout is not None
+        helper = int(app.stdout.readline())
+        app.kill()  # the batches are in the pipe, the helper is frozen: nobody shipped them
+        app.wait(10)
+        assert redis_db.llen("ingest") == 0
+        os.kill(helper, signal.SIGCONT)
+        assert wait_until(lambda: not alive(helper), 30), "the orphaned helper did not exit"
+        assert wait_until(lambda: redis_db.llen("ingest") >= 1, 10)
+        shipped = [
+            msgpack.unpackb(redis_db.get(key), timestamp=3)["records"]
+            for key in redis_db.scan_iter("iam-pump:envelope:*")
+        ]
+        assert sorted(row[1] for rows in shipped for row in rows) == sorted(
+            f"orphan-{i}" for i in range(1000)
+        )
+    finally:
+        app.kill()
+        app.wait(10)
+        if app.stdout is not None:
+            app.stdout.close()
