@@ -390,7 +390,12 @@ def main(argv: list[str] | None = None, *, server: str = "gunicorn") -> list[Row
     rows[1] = Row(
         rows[1].measurement, rows[1].value, rows[1].baseline, rows[1].ratio, note=rows[1].note
     )
-    title = TITLES[args.server] + (f" [{args.what_if_transport}]" if args.what_if_transport else "")
+    what_ifs = [
+        f"transport {args.what_if_transport}" if args.what_if_transport else "",
+        f"flush {args.flush_interval_ms} ms" if args.flush_interval_ms else "",
+        f"switch interval {args.switch_interval} s" if args.switch_interval else "",
+    ]
+    title = TITLES[args.server] + "".join(f" [{w}]" for w in what_ifs if w)
     print_table(title, rows)
     save_rows(args.save, title, rows)
     return rows
