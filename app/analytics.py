@@ -404,8 +404,11 @@ class Analytics:
                 if now > last_wake:
                     rate = max(0.0, waiting - left) / (now - last_wake)
                 last_wake = now
+                # A buffer full to its bound (batches in flight hold the rest) takes no more
+                # records until cut: cut it now rather than at the flush interval.
+                full = waiting >= self._limit
                 if waiting >= batch_size or (
-                    waiting and (stopping or now - last_cut >= interval_s)
+                    waiting and (full or stopping or now - last_cut >= interval_s)
                 ):
                     batch_id, records = self._cut(min(waiting, batch_size))
                     last_cut = now
@@ -502,15 +505,9 @@ class Analytics:
                     self._ship_failures += 1
 
     def _wait_for(self, helper: HelperProcess, timeout_s: float) -> None:
-        """Sleep until stop() wakes us or ``timeout_s`` passes; once stopping, or when the
-        helper's answers are what frees room in the buffer, until it answers too.
-
-        Otherwise its answers wait for the next cut: counting them is not worth taking the GIL
-        from the request threads once more per batch.
-        """
+        """Sleep until the helper answers, stop() wakes us, or ``timeout_s`` passes."""
         fds = [self._wake_r]
-        waiting_on_answers = self._stopping.is_set() or self._limit < self.options.batch_size
-        if waiting_on_answers and helper.alive():
+        if helper.alive():
             fds.append(helper.ack_fd)
         with contextlib.suppress(OSError, ValueError):
             ready, _, _ = select.select(fds, [], [], timeout_s)
