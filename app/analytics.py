@@ -64,6 +64,10 @@ DROP_WARNING_INTERVAL_S = 10.0
 #: With a helper process, the cutter sleeps until a batch should be full by the recent rate,
 #: divided by this (so that a rising rate is caught before the buffer fills).
 FILL_SAFETY = 2.0
+#: With a helper process, a batch's rows are built and packed this many at a time, the GIL given
+#: up in between: an asyncio application serves every connection from one thread, and a whole
+#: batch at once (about 1 ms for 800 records) showed in its p99.9.
+PACK_STEP = 100
 
 
 def _aware(value: Any) -> Any:
@@ -480,9 +484,12 @@ class Analytics:
         batch_id: str,
         records: list[AnalyticsRecord],
     ) -> None:
-        rows = self._rows(records)
+        rows: list[list[Any]] = []
+        for start in range(0, len(records), PACK_STEP):
+            rows += self._rows(records[start : start + PACK_STEP])
+            time.sleep(0)  # let a request thread waiting for the GIL have it
         try:
-            payload = encode_envelope(batch_id, rows)  # one C call for the batch
+            payload = _packed_in_steps(batch_id, rows)
         except EncodeError:
             rows = self._encodable(rows)
             payload = encode_envelope(batch_id, rows)
@@ -574,6 +581,31 @@ class Analytics:
             # Wakes as soon as stop() is done waiting, rather than sleeping out the backoff.
             if self._closed.wait(pause_s):
                 return False
+
+
+def _packed_in_steps(batch_id: str, rows: list[list[Any]]) -> bytes:
+    """``encode_envelope(batch_id, rows)``, byte for byte, packed :data:`PACK_STEP` rows at a
+    time with the GIL given up in between, so that no request waits for a whole batch."""
+    packer = msgpack.Packer(datetime=True)
+    parts = [
+        packer.pack_map_header(2),
+        packer.pack("id"),
+        packer.pack(batch_id),
+        packer.pack("records"),
+        packer.pack_array_header(len(rows)),
+    ]
+    for start in range(0, len(rows), PACK_STEP):
+        parts.append(
+            packer.pack(rows[start : start + PACK_STEP])[_array_header_size(rows, start) :]
+        )
+        time.sleep(0)
+    return b"".join(parts)
+
+
+def _array_header_size(rows: list[list[Any]], start: int) -> int:
+    """Bytes of the msgpack array header of ``rows[start:start + PACK_STEP]``."""
+    count = len(rows[start : start + PACK_STEP])
+    return 1 if count < 16 else 3 if count < 65536 else 5
 
 
 def _unencodable_fields(row: list[Any]) -> str:
