@@ -68,7 +68,10 @@ class CeleryTransport:
         self._sender = Sender(self._app, envelopes=envelopes, retry=False)
 
     def ship(self, batch_id: str, rows: Sequence[Sequence[Any]]) -> None:
-        payload = self._packed(batch_id, rows)
+        self.ship_envelope(batch_id, self._packed(batch_id, rows))
+
+    def ship_envelope(self, batch_id: str, payload: bytes) -> None:
+        """Ship a batch already packed by :func:`~app.codec.encode_envelope`."""
         try:
             self._sender.send_ingest(self._sender.envelope_ref(batch_id, payload))
         except Exception as exc:

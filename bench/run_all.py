@@ -31,6 +31,7 @@ BENCHMARKS = [
     "e2e_csv",
     "latency",
     "wsgi_overhead",
+    "asgi_overhead",
     "memory",
     "scale_out",
     "stage_costs",

@@ -7,7 +7,7 @@ iam-authz-server does per authorization; the reporter is created on the first re
 worker process (after gunicorn's fork), and ships to ``BENCH_BROKER_URL`` (Redis database 12).
 With ``BENCH_ANALYTICS=0`` the handler is the same without the record.
 ``BENCH_SWITCH_INTERVAL_S`` sets ``sys.setswitchinterval`` in both, and
-``BENCH_REPORTER_TRANSPORT`` (``memory`` or ``pack``) swaps the transport, and
+``BENCH_REPORTER_TRANSPORT`` (``memory``, ``pack`` or ``thread``) swaps the transport, and
 ``BENCH_FLUSH_INTERVAL_MS`` sets ``flush-interval`` (what-ifs).
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
 from app.codec import encode_envelope
-from app.transports import MemoryTransport, Transport
+from app.transports import CeleryTransport, MemoryTransport, Transport
 
 ENABLED = os.environ.get("BENCH_ANALYTICS", "1") == "1"
 # What-if knob of wsgi_overhead.py --switch-interval: how long a thread that wants the GIL
@@ -51,14 +51,18 @@ class PackOnlyTransport:
         pass
 
 
-def _transport() -> Transport | None:
-    # What-if knob of wsgi_overhead.py --what-if-transport: "memory" keeps the rows (no packing,
-    # no broker), "pack" packs them and drops them (no broker); unset: the real Celery transport.
+def _transport(options: AnalyticsOptions) -> Transport | None:
+    # What-if knob of wsgi_overhead.py --what-if-transport: "memory" keeps the rows (no broker),
+    # "pack" packs them and drops them (no broker), "thread" publishes from the reporter's own
+    # threads in this process (a transport passed in is used in-process); unset: the default,
+    # a helper process publishes.
     kind = os.environ.get("BENCH_REPORTER_TRANSPORT", "")
     if kind == "memory":
         return MemoryTransport()
     if kind == "pack":
         return PackOnlyTransport()
+    if kind == "thread":
+        return CeleryTransport(options.broker_url, key_prefix=options.key_prefix)
     return None
 
 
@@ -69,19 +73,16 @@ def _reporter() -> Callable[[AnalyticsRecord], bool]:
             options = dataclasses.replace(
                 options, flush_interval_ms=int(os.environ["BENCH_FLUSH_INTERVAL_MS"])
             )
-        analytics = Analytics(options, transport=_transport())
+        analytics = Analytics(options, transport=_transport(options))
         analytics.start()
         atexit.register(analytics.stop, timeout_s=5.0)
         _record_hit.append(analytics.record_hit)
     return _record_hit[0]
 
 
-def application(
-    environ: dict[str, Any], start_response: Callable[[str, list[tuple[str, str]]], Any]
-) -> Iterable[bytes]:
-    """Answer an authorization request; record it when analytics is on."""
-    path = environ.get("PATH_INFO", "/")
-    subject = environ.get("QUERY_STRING", "") or "users:peter"
+def answer(path: str, query: str) -> bytes:
+    """The JSON answer to one authorization request; records it when analytics is on."""
+    subject = query or "users:peter"
     request = json.dumps(
         {"resource": f"resources:articles{path}", "action": "delete", "subject": subject}
     )
@@ -98,6 +99,14 @@ def application(
                 deciders=DECIDERS,
             )
         )
+    return body
+
+
+def application(
+    environ: dict[str, Any], start_response: Callable[[str, list[tuple[str, str]]], Any]
+) -> Iterable[bytes]:
+    """Answer an authorization request; record it when analytics is on."""
+    body = answer(environ.get("PATH_INFO", "/"), environ.get("QUERY_STRING", ""))
     start_response(
         "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
     )

@@ -391,3 +391,15 @@ def test_every_record_accepted_while_stop_runs_is_shipped_or_counted_lost() -> N
             race_stop_against_eight_threads()
     finally:
         sys.setswitchinterval(switch_interval_s)
+
+
+def test_a_batch_packed_in_steps_is_the_envelope_byte_for_byte() -> None:
+    from app.analytics import _packed_in_steps
+    from app.codec import encode_envelope
+
+    for count in (0, 1, 15, 16, 99, 100, 101, 770, 70_000):
+        rows = [
+            [i, "u", "allow", "c", "r", "p", "d", datetime(2030, 1, 1, tzinfo=UTC)]
+            for i in range(count)
+        ]
+        assert _packed_in_steps("a" * 32, rows) == encode_envelope("a" * 32, rows), count

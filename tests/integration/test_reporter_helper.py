@@ -1,0 +1,169 @@
+"""The reporter's shipping process (app/analytics_helper.py): killed, it loses nothing.
+
+Real Redis, a real ``celery worker`` writing CSV, the real helper process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import redis
+
+from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
+from tests.integration.test_pipeline import count_by_request, kept_bytes, make_record
+from tests.support import (
+    Proc,
+    base_config,
+    free_port,
+    read_csv_rows,
+    start_worker,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def offer(analytics: Analytics, records: list[AnalyticsRecord]) -> None:
+    for record in records:
+        while not analytics.record_hit(record):
+            time.sleep(0.001)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purpose.
+    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+        return handle.read().split(") ")[1][0] != "Z"
+
+
+def test_a_killed_shipping_process_is_restarted_and_every_record_lands_once(
+    tmp_path: Path,
+    redis_db: redis.Redis,
+    procs: list[Proc],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = write_config(
+        tmp_path / "c.yaml", base_config(tmp_path, analytics={"flush-interval": 20})
+    )
+    procs.append(start_worker(config, tmp_path / "worker.log"))
+    analytics = Analytics(AnalyticsOptions.from_yaml(str(config)))
+    analytics.start()
+    records = [make_record("helper", i) for i in range(9000)]
+    offer(analytics, records[:3000])
+    assert wait_until(lambda: analytics.stats().shipped_records == 3000, 30)
+    assert analytics._helper is not None
+    first = analytics._helper.pid
+    assert first is not None
+    # Frozen, the helper takes batches into its pipe and ships none: they are in flight when
+    # it is killed, and must be handed to the next one.
+    os.kill(first, signal.SIGSTOP)
+    offer(analytics, records[3000:6000])
+    assert wait_until(lambda: analytics.stats().pending == 3000, 30), analytics.stats()
+    with caplog.at_level(logging.WARNING, logger="app.analytics"):
+        os.kill(first, signal.SIGKILL)
+        offer(analytics, records[6000:])
+        stats = analytics.stop(timeout_s=60)
+    assert analytics._helper.starts == 2 and analytics._helper.pid != first
+    assert "shipping process ended unexpectedly" in caplog.text
+    assert stats.shipped_records == len(records) and stats.lost_at_stop == 0, stats
+    assert stats.pending == stats.buffered == 0
+    csv_dir = tmp_path / "csv"
+    assert wait_until(lambda: len(read_csv_rows(csv_dir)) >= len(records), 120)
+    time.sleep(1)
+    counts = count_by_request(read_csv_rows(csv_dir))
+    assert set(counts) == {r.request for r in records}
+    assert max(counts.values()) == 1, "a batch handed over twice was stored twice"
+    assert wait_until(lambda: kept_bytes(redis_db) == 0, 30)
+    assert not alive(analytics._helper.pid or 0)
+
+
+def test_stop_gives_up_at_its_timeout_stops_the_helper_and_counts_the_loss(
+    tmp_path: Path,
+) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    analytics = Analytics(
+        AnalyticsOptions(broker_url=nowhere, redis_url=nowhere, flush_interval_ms=10)
+    )
+    analytics.start()
+    offer(analytics, [make_record("down", i) for i in range(500)])
+    assert wait_until(lambda: analytics.stats().ship_failures > 0, 30)
+    assert analytics._helper is not None and analytics._helper.pid is not None
+    helper = analytics._helper.pid
+    started = time.monotonic()
+    stats = analytics.stop(timeout_s=1)
+    assert time.monotonic() - started < 10
+    assert stats.lost_at_stop == 500 and stats.shipped_records == 0
+    assert stats.pending == stats.buffered == 0
+    assert not alive(helper)
+
+
+def test_stop_without_start_ships_through_a_helper(redis_db: redis.Redis) -> None:
+    url = redis_db.connection_pool.connection_kwargs
+    broker = f"redis://{url['host']}:{url['port']}/{url['db']}"
+    analytics = Analytics(AnalyticsOptions(broker_url=broker, redis_url=broker))
+    offer(analytics, [make_record("late", i) for i in range(100)])
+    stats = analytics.stop(timeout_s=30)
+    assert stats.shipped_records == 100 and stats.lost_at_stop == 0
+    assert redis_db.llen("ingest") == 1
+
+
+APP_THAT_DIES = """
+import os, signal, sys, time
+from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
+url = sys.argv[1]
+analytics = Analytics(AnalyticsOptions(broker_url=url, redis_url=url, flush_interval_ms=10))
+analytics.start()
+while analytics._helper.pid is None:  # the cutter thread starts it
+    time.sleep(0.01)
+helper = analytics._helper.pid
+os.kill(helper, signal.SIGSTOP)
+for i in range(1000):
+    analytics.record_hit(AnalyticsRecord(username=f"orphan-{i}"))
+while analytics.stats().pending < 1000:
+    time.sleep(0.01)
+print(helper, flush=True)
+time.sleep(60)
+"""
+
+
+def test_when_the_application_dies_the_helper_ships_what_it_received_and_exits(
+    redis_db: redis.Redis, tmp_path: Path
+) -> None:
+    url = redis_db.connection_pool.connection_kwargs
+    broker = f"redis://{url['host']}:{url['port']}/{url['db']}"
+    script = tmp_path / "dying_app.py"
+    script.write_text(APP_THAT_DIES, encoding="utf-8")
+    app = subprocess.Popen([sys.executable, str(script), broker], stdout=subprocess.PIPE, text=True)
+    try:
+        assert app.stdout is not None
+        helper = int(app.stdout.readline())
+        app.kill()  # the batches are in the pipe, the helper is frozen: nobody shipped them
+        app.wait(10)
+        assert redis_db.llen("ingest") == 0
+        os.kill(helper, signal.SIGCONT)
+        assert wait_until(lambda: not alive(helper), 30), "the orphaned helper did not exit"
+        assert wait_until(lambda: redis_db.llen("ingest") >= 1, 10)
+        shipped = [
+            msgpack.unpackb(redis_db.get(key), timestamp=3)["records"]
+            for key in redis_db.scan_iter("iam-pump:envelope:*")
+        ]
+        assert sorted(row[1] for rows in shipped for row in rows) == sorted(
+            f"orphan-{i}" for i in range(1000)
+        )
+    finally:
+        app.kill()
+        app.wait(10)
+        if app.stdout is not None:
+            app.stdout.close()
