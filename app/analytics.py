@@ -93,8 +93,10 @@ class Analytics:
         self.options = options
         self._transport = transport
         # Without a transport given, batches are published by a helper process (see
-        # app/analytics_helper.py); a transport given is used by shipping threads in this one.
-        self._helper = HelperProcess(options) if transport is None else None
+        # app/analytics_helper.py) unless ``helper_process`` is off; a transport given, or the
+        # one made for the options without a helper, is used by shipping threads in this one.
+        use_helper = transport is None and options.helper_process
+        self._helper = HelperProcess(options) if use_helper else None
         # The cutter waits on this pipe (with a helper process): stop() writes to wake it.
         self._wake_r, self._wake_w = -1, -1
         self._buffer: deque[AnalyticsRecord] = deque()

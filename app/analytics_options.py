@@ -34,6 +34,9 @@ class AnalyticsOptions:
     #: "never" (``expire_at`` 100 years ahead).
     record_expiration_s: float = 0
     transport: Literal["celery", "redis-list"] = "celery"
+    #: Publish from a helper process fed through a pipe (the default), or from threads in this
+    #: process when False (an embedded interpreter, whose ``sys.executable`` is not Python).
+    helper_process: bool = True
     broker_url: str = "redis://127.0.0.1:6379/0"
     redis_url: str = "redis://127.0.0.1:6379/0"
     analytics_key: str = "analytics-iam-system-analytics"
@@ -63,6 +66,7 @@ class AnalyticsOptions:
             enable_detailed_recording=block.enable_detailed_recording,
             record_expiration_s=block.record_expiration_time,
             transport=block.transport,
+            helper_process=block.helper_process,
             broker_url=settings.broker,
             redis_url=settings.redis.url,
             analytics_key=settings.analytics_key,

@@ -152,6 +152,10 @@ class AnalyticsConfig(_Model):
     #: Seconds until stores may forget a record the reporter stamps; 0 = never (100 years).
     record_expiration_time: float = Field(default=0, ge=0)
     transport: Literal["celery", "redis-list"] = "celery"
+    #: Publish from a helper process (``python -m app.analytics_helper``) fed through a pipe;
+    #: false publishes from threads in the application's own process (where ``sys.executable``
+    #: is not a Python interpreter, e.g. an embedded one such as uWSGI's).
+    helper_process: bool = True
 
     @field_validator("storage_expiration_time", "record_expiration_time", mode="before")
     @classmethod

@@ -167,3 +167,36 @@ def test_when_the_application_dies_the_helper_ships_what_it_received_and_exits(
         app.wait(10)
         if app.stdout is not None:
             app.stdout.close()
+
+
+def test_helper_process_off_ships_from_this_process(
+    tmp_path: Path, redis_db: redis.Redis, procs: list[Proc]
+) -> None:
+    """``analytics.helper-process: false`` (an embedded interpreter): no child process, the
+    application's own threads publish, and every record lands once."""
+    config = write_config(
+        tmp_path / "c.yaml", base_config(tmp_path, analytics={"helper-process": False})
+    )
+    procs.append(start_worker(config, tmp_path / "worker.log"))
+    analytics = Analytics(AnalyticsOptions.from_yaml(str(config)))
+    assert analytics.options.helper_process is False
+    analytics.start()
+    assert analytics._helper is None
+    records = [make_record("inproc", i) for i in range(2000)]
+    offer(analytics, records)
+    assert wait_until(lambda: analytics.stats().shipped_records == len(records), 30)
+    # While it runs (a helper would be alive now): no child process of ours runs the helper.
+    children = subprocess.run(
+        ["pgrep", "-P", str(os.getpid()), "-f", "app.analytics_helper"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert children.stdout.strip() == "", "a helper process was started"
+    stats = analytics.stop(timeout_s=30)
+    assert stats.shipped_records == len(records) and stats.lost_at_stop == 0, stats
+    csv_dir = tmp_path / "csv"
+    assert wait_until(lambda: len(read_csv_rows(csv_dir)) >= len(records), 60)
+    time.sleep(0.5)
+    counts = count_by_request(read_csv_rows(csv_dir))
+    assert set(counts) == {r.request for r in records} and max(counts.values()) == 1
