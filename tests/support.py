@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import redis
 import yaml
@@ -57,6 +58,15 @@ def _login() -> dict[str, str]:
     if not REDIS_PASSWORD:
         return {}
     return {"username": REDIS_USERNAME, "password": REDIS_PASSWORD}
+
+
+def redis_url(*, port: int = REDIS_PORT, db: int = TEST_REDIS_DB) -> str:
+    """A ``redis://`` URL of the tests' server (or another port of it, e.g. a proxy), with the
+    login from the environment when there is one (the least-privilege run)."""
+    login = ""
+    if REDIS_PASSWORD:
+        login = f"{quote(REDIS_USERNAME, safe='')}:{quote(REDIS_PASSWORD, safe='')}@"
+    return f"redis://{login}{REDIS_HOST}:{port}/{db}"
 
 
 def admin_redis(db: int = TEST_REDIS_DB, *, port: int = REDIS_PORT) -> redis.Redis:

@@ -32,13 +32,16 @@ def test_health_server_serves_health_and_the_fleet_metrics_then_stops_on_sigterm
     procs.append(server)
     base = f"http://{config_values['health-check-address']}"
 
-    def healthy() -> bool:
+    def alive() -> bool:
         try:
-            return get(f"{base}/healthz")[0] == 200
+            return get(f"{base}/livez")[0] == 200
         except OSError:  # not listening yet
             return False
 
-    assert wait_until(healthy, 30), server.output()
+    assert wait_until(alive, 30), server.output()
+    # No worker consumes any queue: the pipeline is not ready, and the answer says why.
+    status, body = get(f"{base}/readyz")
+    assert status == 503 and "pump.csv" in body and "ingest" in body, body
     status, metrics = get(f"{base}/metrics")
     assert status == 200
     assert "iam_pump_redis_up 1.0" in metrics

@@ -28,13 +28,11 @@ from pumps.testing.records import copies
 from tests.faults.helpers import report
 from tests.servers_prometheus import PrometheusServer
 from tests.support import (
-    REDIS_HOST,
-    REDIS_PORT,
-    TEST_REDIS_DB,
     Proc,
     base_config,
     celery_env,
     free_port,
+    redis_url,
     start_worker,
     wait_until,
     write_config,
@@ -110,7 +108,7 @@ def make_pump(prometheus_server: PrometheusServer, key_prefix: str) -> Iterator[
     def make(**meta: Any) -> PrometheusPump:
         raw = {
             "listen_address": prometheus_server.target_address,
-            "redis_url": f"redis://{REDIS_HOST}:{REDIS_PORT}/{TEST_REDIS_DB}",
+            "redis_url": redis_url(),
             "key_prefix": key_prefix,
             "bind_retry_interval_s": 0.5,
             **meta,

@@ -44,7 +44,7 @@ from tests.integration import test_syslog_pump
 from tests.servers_influx import InfluxServer
 from tests.servers_influx import stored_ids as influx_stored_ids
 from tests.stores import MONGO_URI, es_address, mongo_address, mongo_url_for
-from tests.support import REDIS_HOST, REDIS_PORT, TEST_REDIS_DB, free_port, read_csv_rows
+from tests.support import REDIS_HOST, REDIS_PORT, free_port, read_csv_rows, redis_url
 
 
 class TestCsvPump(PumpContract):
@@ -222,7 +222,7 @@ class TestPrometheusPump(PumpContract):
     def meta_at(self, tmp_path: Path, port: int) -> dict[str, Any]:
         return {
             "listen_address": f"127.0.0.1:{free_port()}",
-            "redis_url": f"redis://{REDIS_HOST}:{port}/{TEST_REDIS_DB}",
+            "redis_url": redis_url(port=port),
             "key_prefix": self.key_prefix,
         }
 
