@@ -11,7 +11,7 @@ import redis
 
 from tests.faults.conftest import fault_config, slow_csv_config
 from tests.faults.helpers import await_delivery, make_records, report, requests_in
-from tests.support import Proc, celery_env, start_worker, wait_until, write_config
+from tests.support import Proc, celery_env, start_beat, start_worker, wait_until, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -57,7 +57,13 @@ def test_whole_worker_killed_is_redelivered_within_two_minutes(
     plugin_env: dict[str, str],
     role: str,
 ) -> None:
-    """Separate ingest and pump workers; SIGKILL the whole process group of one of them."""
+    """Separate ingest and pump workers; SIGKILL the whole process group of one of them.
+
+    Beat runs, as in any deployment: with the Redis broker a worker killed between kombu's BRPOP
+    of a task and its record of it in ``unacked`` takes that message with it, and the ledger
+    sweep sends it again (here after a 15 s window instead of the default 120 s, so that it
+    lands inside the promise; one run in CI lost a 50-record batch this way without beat).
+    """
     csv_dir = tmp_path / "csv"
     delay_s = 1.0 if role == "pump" else 0.0
     config = write_config(
@@ -69,9 +75,16 @@ def test_whole_worker_killed_is_redelivered_within_two_minutes(
                 "csv": {"type": "slowcsv", "meta": {"csv_dir": str(csv_dir), "delay_s": delay_s}}
             },
             analytics={"records-buffer-size": 200, "pool-size": 4},
+            delivery={
+                "retry-backoff-base-s": 0.2,
+                "retry-backoff-max-s": 2,
+                "redelivery-window-s": 15,
+                "sweep-interval-s": 5,
+            },
         ),
     )
     env = celery_env(config, **plugin_env)
+    procs.append(start_beat(config, tmp_path / "beat.log", tmp_path, env=env))
     # 400 small batches for the ingest role (it is fast); 80 one-second writes for the pump role.
     records = make_records(role, 20_000 if role == "ingest" else 4_000)
     report(records, config)
