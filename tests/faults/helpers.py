@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
-from tests.support import read_csv_rows, wait_until
+from tests.support import Proc, read_csv_rows, start_beat, wait_until
+
+#: The ledger sweep's settings in the worker-kill tests: a task message a killed worker took
+#: with it (SIGKILL between kombu's BRPOP and its record in ``unacked``) is sent again after
+#: 15 s instead of the default 120 s, inside what the tests wait.
+QUICK_SWEEP = {"redelivery-window-s": 15, "sweep-interval-s": 5}
+
+
+def with_quick_sweep(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with the ledger sweep's quick settings added to its ``delivery`` block."""
+    config["delivery"] = {**config.get("delivery", {}), **QUICK_SWEEP}
+    return config
+
+
+def start_sweeping_beat(config_path: Path, tmp_path: Path, procs: list[Proc]) -> None:
+    """Beat, as every deployment runs it: the purge and the ledger sweep."""
+    procs.append(start_beat(config_path, tmp_path / "beat.log", tmp_path))
 
 
 def make_records(tag: str, count: int) -> list[AnalyticsRecord]:

@@ -14,7 +14,7 @@ import redis
 
 from app.analytics import AnalyticsRecord
 from tests.faults.conftest import fault_config
-from tests.faults.helpers import report
+from tests.faults.helpers import report, start_sweeping_beat, with_quick_sweep
 from tests.servers_influx import InfluxServer, point_count
 from tests.support import Proc, start_worker, wait_until, write_config
 
@@ -66,18 +66,21 @@ def test_pump_worker_killed_mid_run_every_record_is_one_point(
     }
     config = write_config(
         tmp_path / "c.yaml",
-        fault_config(
-            tmp_path,
-            broker,
-            pumps={"influx": pump},
-            analytics={"records-buffer-size": 200, "pool-size": 4},
-            delivery={
-                "retry-backoff-base-s": 0.2,
-                "retry-backoff-max-s": 2,
-                "visibility-timeout-s": VISIBILITY_TIMEOUT_S,
-            },
+        with_quick_sweep(
+            fault_config(
+                tmp_path,
+                broker,
+                pumps={"influx": pump},
+                analytics={"records-buffer-size": 200, "pool-size": 4},
+                delivery={
+                    "retry-backoff-base-s": 0.2,
+                    "retry-backoff-max-s": 2,
+                    "visibility-timeout-s": VISIBILITY_TIMEOUT_S,
+                },
+            )
         ),
     )
+    start_sweeping_beat(config, tmp_path, procs)
     records = make_records(RECORDS)
     expected = {record.request for record in records}
     report(records, config)  # 160 batches of 50 wait in the ingest queue

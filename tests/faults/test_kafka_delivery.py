@@ -17,7 +17,12 @@ import redis
 
 from app.analytics import AnalyticsRecord
 from tests.faults.conftest import fault_config
-from tests.faults.helpers import make_records, report
+from tests.faults.helpers import (
+    make_records,
+    report,
+    start_sweeping_beat,
+    with_quick_sweep,
+)
 from tests.servers_kafka import BROKER_VERSION, KafkaServer, read_topic, topic_size
 from tests.support import Proc, start_worker, wait_until, write_config
 
@@ -43,11 +48,13 @@ def kafka_config(
         "timeout": timeout_s,
         "meta": {"broker": [server.bootstrap], "topic": topic, "broker_version": BROKER_VERSION},
     }
-    config = fault_config(
-        tmp_path,
-        broker_url,
-        pumps={"kafka": pump},
-        analytics={"records-buffer-size": buffer_records, "pool-size": 4},
+    config = with_quick_sweep(
+        fault_config(
+            tmp_path,
+            broker_url,
+            pumps={"kafka": pump},
+            analytics={"records-buffer-size": buffer_records, "pool-size": 4},
+        )
     )
     return write_config(tmp_path / "c.yaml", config)
 
@@ -85,6 +92,7 @@ def test_worker_sigkilled_mid_run_loses_nothing(
     topic = kafka_server.new_topic("killed")
     # Batches of 50: hundreds of tasks, so the kill lands while most are still to come.
     config = kafka_config(tmp_path, broker, kafka_server, topic, timeout_s=10, buffer_records=200)
+    start_sweeping_beat(config, tmp_path, procs)
     records = make_records("kafka-kill", 20_000)
     report(records, config)
     worker = start_worker(config, tmp_path / "w1.log", name="w1")

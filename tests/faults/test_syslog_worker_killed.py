@@ -19,7 +19,7 @@ import redis
 
 from app.analytics import AnalyticsRecord
 from tests.faults.conftest import fault_config
-from tests.faults.helpers import report
+from tests.faults.helpers import report, start_sweeping_beat, with_quick_sweep
 from tests.servers_syslog import Rsyslog, new_tag
 from tests.support import Proc, start_worker, wait_until, write_config
 
@@ -65,13 +65,16 @@ def test_pump_worker_killed_mid_run_loses_nothing(
     }
     config = write_config(
         tmp_path / "c.yaml",
-        fault_config(
-            tmp_path,
-            broker,
-            pumps={"syslog": pump},
-            analytics={"records-buffer-size": 100, "pool-size": 4},
+        with_quick_sweep(
+            fault_config(
+                tmp_path,
+                broker,
+                pumps={"syslog": pump},
+                analytics={"records-buffer-size": 100, "pool-size": 4},
+            )
         ),
     )
+    start_sweeping_beat(config, tmp_path, procs)
     records = [
         AnalyticsRecord(username=f"user-{i % 5}", effect="allow", request=f"syslog-{i}")
         for i in range(RECORDS)

@@ -33,6 +33,7 @@ from tests.support import (
     celery_env,
     free_port,
     redis_url,
+    start_beat,
     start_worker,
     wait_until,
     write_config,
@@ -280,9 +281,13 @@ def test_end_to_end_with_a_worker_killed_mid_run(
             "retry-backoff-base-s": 0.2,
             "retry-backoff-max-s": 2,
             "visibility-timeout-s": 15,
+            # A task a killed worker took with it is sent again by the ledger sweep.
+            "redelivery-window-s": 15,
+            "sweep-interval-s": 5,
         },
     )
     config_path = write_config(tmp_path / "c.yaml", config)
+    procs.append(start_beat(config_path, tmp_path / "beat.log", tmp_path))
     records = [
         AnalyticsRecord(
             username=f"{tag}-user-{index % 9}",
