@@ -95,7 +95,9 @@ class Analytics:
         # Without a transport given, batches are published by a helper process (see
         # app/analytics_helper.py) unless ``helper_process`` is off; a transport given, or the
         # one made for the options without a helper, is used by shipping threads in this one.
-        use_helper = transport is None and options.helper_process
+        # A Redis Cluster or Sentinel ``redis:`` block is not handed to the helper: with one, the
+        # reporter ships from its own threads.
+        use_helper = transport is None and options.helper_process and options.redis is None
         self._helper = HelperProcess(options) if use_helper else None
         # The cutter waits on this pipe (with a helper process): stop() writes to wake it.
         self._wake_r, self._wake_w = -1, -1

@@ -14,10 +14,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
+
 from app.celery_app import app
 from app.codec import MalformedBatchError, Rejected, decode_envelope, encode_clean_batch
 from app.messages import INGEST_TASK, BatchRef, legacy_ref
 from app.stores.batches import INGEST_CLAIM
+from app.stores.clients import pipelines_scripts
 from app.stores.dead_letters import INGEST_GROUP
 from app.stores.locks import RedisLock
 from app.stores.stats import Counter
@@ -106,6 +109,13 @@ def _fan_out_once(
     except BaseException:
         lock.release()
         raise
+    if not pipelines_scripts(context.redis):  # a cluster: the lock's script on its own
+        try:
+            lock.release()
+        except redis.RedisError as exc:
+            logger.warning("ingest: lock of batch %s not released (%s); it expires", batch_id, exc)
+        context.stats.add(counts)
+        return sent
     pipe = context.redis.pipeline(transaction=False)
     lock.release_in(pipe)
     context.stats.add(counts, pipe=pipe)

@@ -37,6 +37,7 @@ from redis.exceptions import RedisClusterException
 from app.backoff import backoff_s
 from app.messages import BatchRef
 from app.stores.batches import BatchLostError, BatchStore, ByteStore
+from app.stores.clients import pipelines_scripts
 from app.stores.ledger import LEASE_TTL_MS, ledger_member
 from app.stores.locks import RedisLock
 from app.stores.stats import PumpCounter, per_pump
@@ -197,7 +198,13 @@ class Held:
         """Give up ``claim`` on the batch and, in the same round trip, the lease (it is on the
         same server: the ledger is where the bytes are)."""
         lease = self.lease
-        if lease is None or ref.key is None or store is None or lease.client is not store.client:
+        if (
+            lease is None
+            or ref.key is None
+            or store is None
+            or lease.client is not store.client
+            or not pipelines_scripts(store.client)
+        ):
             ref.release(store, claim)
             return
         pipe = store.client.pipeline(transaction=False)

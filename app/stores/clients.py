@@ -29,6 +29,12 @@ DEFAULT_REDIS_SOCKET_TIMEOUT_S = 10.0
 HEALTH_CHECK_INTERVAL_S = 30
 
 
+def pipelines_scripts(client: redis.Redis) -> bool:
+    """Whether a pipeline of ``client`` can carry scripts (``EVAL``): not a cluster's, whose
+    pipelines refuse them; callers then run each script on its own."""
+    return not isinstance(client, RedisCluster)
+
+
 def redis_client(settings: Settings) -> redis.Redis:
     """A client for the ``redis:`` server: iam's list, our state keys, the dead letters."""
     return config_client(settings.redis)
