@@ -77,7 +77,7 @@ class HelperProcess:
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "app.analytics_helper", json.dumps(opts)],
+            [sys.executable, "-m", "app.analytics_helper"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -90,6 +90,11 @@ class HelperProcess:
         for pipe in (self._proc.stdin, self._proc.stdout):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
+        # The options go down the pipe, not on the command line, where `ps` would show the
+        # broker's password to every user of the machine.
+        with contextlib.suppress(OSError):
+            self._proc.stdin.write(json.dumps(opts).encode("utf-8") + b"\n")
+            self._proc.stdin.flush()
         os.set_blocking(self._proc.stdout.fileno(), False)
         self._acks = b""
         self.starts += 1
@@ -252,7 +257,8 @@ def main() -> None:
     # The application's stop() decides when the helper ends (it closes stdin, or kills it at
     # its deadline); a Ctrl+C sent to the terminal's process group is not for the helper.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _serve(json.loads(sys.argv[1]))
+    # The first line of the pipe holds the options (see HelperProcess.start).
+    _serve(json.loads(sys.stdin.buffer.readline()))
 
 
 if __name__ == "__main__":

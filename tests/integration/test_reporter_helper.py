@@ -24,6 +24,7 @@ from tests.support import (
     base_config,
     free_port,
     read_csv_rows,
+    redis_url,
     start_worker,
     wait_until,
     write_config,
@@ -110,8 +111,7 @@ def test_stop_gives_up_at_its_timeout_stops_the_helper_and_counts_the_loss(
 
 
 def test_stop_without_start_ships_through_a_helper(redis_db: redis.Redis) -> None:
-    url = redis_db.connection_pool.connection_kwargs
-    broker = f"redis://{url['host']}:{url['port']}/{url['db']}"
+    broker = redis_url()  # with the environment's login, when there is one
     analytics = Analytics(AnalyticsOptions(broker_url=broker, redis_url=broker))
     offer(analytics, [make_record("late", i) for i in range(100)])
     stats = analytics.stop(timeout_s=30)
@@ -141,8 +141,7 @@ time.sleep(60)
 def test_when_the_application_dies_the_helper_ships_what_it_received_and_exits(
     redis_db: redis.Redis, tmp_path: Path
 ) -> None:
-    url = redis_db.connection_pool.connection_kwargs
-    broker = f"redis://{url['host']}:{url['port']}/{url['db']}"
+    broker = redis_url()  # with the environment's login, when there is one
     script = tmp_path / "dying_app.py"
     script.write_text(APP_THAT_DIES, encoding="utf-8")
     app = subprocess.Popen([sys.executable, str(script), broker], stdout=subprocess.PIPE, text=True)
@@ -207,3 +206,22 @@ def test_helper_process_off_ships_from_this_process(
     time.sleep(0.5)
     counts = count_by_request(read_csv_rows(csv_dir))
     assert set(counts) == {r.request for r in records} and max(counts.values()) == 1
+
+
+def test_the_helpers_command_line_shows_no_password(redis_db: redis.Redis) -> None:
+    """Every user of the machine can read a command line (`ps`): the broker URL with its
+    password reaches the helper through its pipe instead."""
+    secret = "s3cret-not-for-ps"
+    url = f"redis://:{secret}@127.0.0.1:{free_port()}/0"  # nothing listens: nothing ships
+    analytics = Analytics(AnalyticsOptions(broker_url=url, redis_url=url, flush_interval_ms=10))
+    analytics.start()
+    try:
+        offer(analytics, [make_record("ps", 0)])
+        assert wait_until(lambda: analytics._helper is not None and analytics._helper.alive(), 10)
+        assert analytics._helper is not None and analytics._helper.pid is not None
+        with open(f"/proc/{analytics._helper.pid}/cmdline", "rb") as handle:
+            command_line = handle.read()
+        assert b"app.analytics_helper" in command_line
+        assert secret.encode() not in command_line
+    finally:
+        analytics.stop(timeout_s=1)
