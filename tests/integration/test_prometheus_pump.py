@@ -95,7 +95,8 @@ def soon() -> Deadline:
 
 @pytest.fixture
 def key_prefix(redis_db: redis.Redis) -> Iterator[str]:
-    prefix = f"prom-{uuid.uuid4().hex[:12]}"
+    # Under our own prefix, the only keys the least-privilege user may touch.
+    prefix = f"iam-pump:prom-{uuid.uuid4().hex[:12]}"
     yield prefix
     for key in redis_db.scan_iter(f"{prefix}:*"):
         redis_db.delete(key)

@@ -214,7 +214,7 @@ class TestPrometheusPump(PumpContract):
     @pytest.fixture(autouse=True)
     def _prefix(self, redis_db: redis.Redis) -> Iterator[None]:
         self.redis = redis_db
-        self.key_prefix = f"contract-{uuid.uuid4().hex[:12]}"
+        self.key_prefix = f"iam-pump:contract-{uuid.uuid4().hex[:12]}"  # the ACL user's keys
         yield
         for key in redis_db.scan_iter(f"{self.key_prefix}:*"):
             redis_db.delete(key)
