@@ -513,6 +513,7 @@ def bench_syslog(args: argparse.Namespace, records: list[AnalyticsRecord]) -> li
                     rows.append(row)
         finally:
             stop_rsyslog(server)
+    return rows
 
 
 def bench_prometheus(args: argparse.Namespace, records: list[AnalyticsRecord]) -> list[Row]:
@@ -580,6 +581,7 @@ def bench_prometheus(args: argparse.Namespace, records: list[AnalyticsRecord]) -
         for key in client.scan_iter(f"{prefix}:*"):
             client.delete(key)
         client.close()
+    return rows
 
 
 #: The tags of the InfluxDB runs (iam's example: who and what was decided); the rest are fields.
@@ -667,6 +669,7 @@ def bench_influx(args: argparse.Namespace, records: list[AnalyticsRecord]) -> li
             client.close()
             if process is not None:
                 stop_influxd(process)
+    return rows
 
 
 def bench_kafka(args: argparse.Namespace, records: list[AnalyticsRecord]) -> list[Row]:
