@@ -164,6 +164,15 @@ def pump_writes(pump: Pump, groups: list[Sequence[AnalyticsRecord]]) -> Callable
     return run
 
 
+def timed_pump(store: str, pump: Pump, groups: list[Sequence[AnalyticsRecord]]) -> Row:
+    """The pump's ``write()`` over every group, timed between its ``open()`` and ``close()``."""
+    pump.open()
+    try:
+        return timed(store, "pump write()", sum(map(len, groups)), pump_writes(pump, groups))
+    finally:
+        pump.close()
+
+
 def end_to_end(
     args: argparse.Namespace,
     store: str,
@@ -250,11 +259,7 @@ def bench_mongo(args: argparse.Namespace, records: list[AnalyticsRecord]) -> lis
         rows.append(timed("mongo", "raw bulk_write upserts", len(records), raw_upsert))
         meta = {"mongo_url": mongo_url(args.mongo_uri, database.name), "collection_name": "pump"}
         pump = resolve_pump_class("mongo").create("mongo", meta, timeout_s=PUMP_TIMEOUT_S)
-        pump.open()
-        try:
-            rows.append(timed("mongo", "pump write()", len(records), pump_writes(pump, groups)))
-        finally:
-            pump.close()
+        rows.append(timed_pump("mongo", pump, groups))
         if not args.skip_e2e:
             entry = {
                 "type": "mongo",
@@ -303,13 +308,7 @@ def bench_aggregate(args: argparse.Namespace, records: list[AnalyticsRecord]) ->
         rows.append(
             timed("mongo-aggregate", "raw bulk_write $inc (no guard)", len(records), raw_inc)
         )
-        pump.open()
-        try:
-            rows.append(
-                timed("mongo-aggregate", "pump write()", len(records), pump_writes(pump, groups))
-            )
-        finally:
-            pump.close()
+        rows.append(timed_pump("mongo-aggregate", pump, groups))
         if not args.skip_e2e:
             entry = {
                 "type": "mongo-aggregate",
@@ -356,13 +355,7 @@ def bench_elasticsearch(args: argparse.Namespace, records: list[AnalyticsRecord]
         pump = resolve_pump_class("elasticsearch").create(
             "elasticsearch", meta, timeout_s=PUMP_TIMEOUT_S
         )
-        pump.open()
-        try:
-            rows.append(
-                timed("elasticsearch", "pump write()", len(records), pump_writes(pump, groups))
-            )
-        finally:
-            pump.close()
+        rows.append(timed_pump("elasticsearch", pump, groups))
         if not args.skip_e2e:
             e2e_index = f"{name}-e2e"
             entry = {
@@ -555,13 +548,7 @@ def bench_prometheus(args: argparse.Namespace, records: list[AnalyticsRecord]) -
             "key_prefix": prefix,
         }
         pump = resolve_pump_class("prometheus").create("prometheus", meta, timeout_s=PUMP_TIMEOUT_S)
-        pump.open()
-        try:
-            rows.append(
-                timed("prometheus", "pump write()", len(records), pump_writes(pump, groups))
-            )
-        finally:
-            pump.close()
+        rows.append(timed_pump("prometheus", pump, groups))
         if not args.skip_e2e:
             # No redis_url: the counts go to the worker's redis: server (the benchmark's database).
             entry = {
@@ -629,13 +616,7 @@ def bench_influx(args: argparse.Namespace, records: list[AnalyticsRecord]) -> li
             rows.append(timed("influx", "raw write_points", len(records), raw_write))
             meta = {"database_name": databases[1], "address": url, "tags": list(INFLUX_TAGS)}
             pump = resolve_pump_class("influx").create("influx", meta, timeout_s=PUMP_TIMEOUT_S)
-            pump.open()
-            try:
-                rows.append(
-                    timed("influx", "pump write()", len(records), pump_writes(pump, groups))
-                )
-            finally:
-                pump.close()
+            rows.append(timed_pump("influx", pump, groups))
             for database in databases[:2]:
                 counted = list(
                     client.query(
@@ -715,11 +696,7 @@ def bench_kafka(args: argparse.Namespace, records: list[AnalyticsRecord]) -> lis
 
         rows.append(timed("kafka", "raw produce + flush", len(records), raw_produce))
         producer.close()
-        pump.open()
-        try:
-            rows.append(timed("kafka", "pump write()", len(records), pump_writes(pump, groups)))
-        finally:
-            pump.close()
+        rows.append(timed_pump("kafka", pump, groups))
         if not args.skip_e2e:
             e2e_topic = f"{name}-e2e"
             entry = {
