@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,14 @@ BENCH_REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BENCH_REDIS_DB}"
 SENTINEL_KEY = "bench:owner"
 WORKER_READY_TIMEOUT_S = 60.0
 PROCESS_STOP_TIMEOUT_S = 20.0
+#: A paced reporter process is paused (SIGSTOP) while more records than this wait in Redis.
+MAX_BACKLOG_RECORDS = 200_000
+#: How often a paced run counts the rows on disk.
+SAMPLE_EVERY_S = 1.0
+#: How often a paced run looks at the backlog.
+BACKLOG_POLL_S = 0.1
+#: A paused reporter is let go this long after its producing window, whatever the backlog.
+RESUME_AFTER_WINDOW_S = 5.0
 
 
 # -- result tables ---------------------------------------------------------------------------
@@ -476,6 +484,61 @@ def read_json(path: Path, timeout_s: float = 60.0) -> dict[str, Any]:
                 return data
         time.sleep(0.1)
     raise RuntimeError(f"{path} was not written in {timeout_s}s")
+
+
+@dataclass(slots=True)
+class PacedRun:
+    """What :func:`pace_producer` saw: (seconds since start, rows on disk) and the time paused."""
+
+    samples: list[tuple[float, int]]
+    paused_s: float
+
+
+def pace_producer(
+    producer: Proc,
+    *,
+    rows: Callable[[], int],
+    backlog_records: Callable[[], int],
+    duration_s: float,
+) -> PacedRun:
+    """Sample ``rows()`` every second until the producer exits, keeping the backlog bounded.
+
+    The producer is paused (SIGSTOP) while ``backlog_records()`` exceeds
+    :data:`MAX_BACKLOG_RECORDS` and resumed below half of it, or once its window (``duration_s``)
+    is :data:`RESUME_AFTER_WINDOW_S` behind it, so that it can finish.
+    """
+    start = time.monotonic()
+    samples: list[tuple[float, int]] = []
+    paused = False
+    paused_s = paused_at = 0.0
+    next_sample = start
+    while producer.popen.poll() is None:
+        now = time.monotonic()
+        if now >= next_sample:
+            samples.append((now - start, rows()))
+            next_sample += SAMPLE_EVERY_S
+        backlog = backlog_records()
+        if not paused and backlog > MAX_BACKLOG_RECORDS:
+            producer.popen.send_signal(signal.SIGSTOP)
+            paused, paused_at = True, now
+        elif paused and (
+            backlog < MAX_BACKLOG_RECORDS // 2 or now - start > duration_s + RESUME_AFTER_WINDOW_S
+        ):
+            producer.popen.send_signal(signal.SIGCONT)
+            paused = False
+            paused_s += now - paused_at
+        time.sleep(BACKLOG_POLL_S)
+    return PacedRun(samples, paused_s)
+
+
+def sustained_rate(
+    samples: Sequence[tuple[float, int]], warmup_s: float, duration_s: float
+) -> float:
+    """Rows per second between the warm-up and the end of the window (NaN: too few samples)."""
+    window = [(t, n) for t, n in samples if warmup_s <= t <= duration_s]
+    if len(window) < 2:
+        return math.nan
+    return (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
 
 
 def wait_for_rows(counter: CsvCounter, expected: int, timeout_s: float) -> int:

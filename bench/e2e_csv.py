@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from urllib.parse import unquote, urlsplit
 from benchlib import (
     BENCH_REDIS_URL,
     INTERFERENCE,
+    MAX_BACKLOG_RECORDS,
     CsvCounter,
     Row,
     Session,
@@ -48,10 +48,12 @@ from benchlib import (
     fmt_ratio,
     make_record,
     miss,
+    pace_producer,
     print_table,
     read_json,
     save_rows,
     session,
+    sustained_rate,
     write_config,
 )
 
@@ -66,10 +68,6 @@ AMQP_BATCH = 5000
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/iam-pump-bench"
 POOL_SIZE = 4
 DRAIN_TIMEOUT_S = 300.0
-SAMPLE_EVERY_S = 1.0
-BACKLOG_POLL_S = 0.1
-#: The reporter process is paused (SIGSTOP) while more records than this wait in Redis.
-MAX_BACKLOG_RECORDS = 200_000
 #: Stop waiting for the backlog when no row has arrived for this long.
 STALL_TIMEOUT_S = 30.0
 
@@ -165,37 +163,16 @@ def run_pipeline(
         str(out),
         log_name=f"producer-{name}.log",
     )
-    start = time.monotonic()
-    samples: list[tuple[float, int]] = []
-    paused = False
-    paused_s = paused_at = 0.0
-    next_sample = start
-    while producer.popen.poll() is None:
-        now = time.monotonic()
-        if now >= next_sample:
-            samples.append((now - start, counter.count()))
-            next_sample += SAMPLE_EVERY_S
-        # Keep the backlog in Redis bounded: pause the reporter process while it is too long.
-        backlog = batch * backlog_of.messages()
-        if not paused and backlog > MAX_BACKLOG_RECORDS:
-            producer.popen.send_signal(signal.SIGSTOP)
-            paused, paused_at = True, now
-        elif paused and backlog < MAX_BACKLOG_RECORDS // 2:
-            producer.popen.send_signal(signal.SIGCONT)
-            paused = False
-            paused_s += now - paused_at
-        time.sleep(BACKLOG_POLL_S)
-        if paused and time.monotonic() - start > duration_s + 5:
-            producer.popen.send_signal(signal.SIGCONT)
-            paused = False
+    paced = pace_producer(
+        producer,
+        rows=counter.count,
+        backlog_records=lambda: batch * backlog_of.messages(),
+        duration_s=duration_s,
+    )
     rows_at_exit = counter.count()
     result = read_json(out)
     accepted = int(result["stats"]["shipped_records"])
-    window = [(t, n) for t, n in samples if warmup_s <= t <= duration_s]
-    if len(window) >= 2:
-        sustained = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
-    else:
-        sustained = float("nan")
+    sustained = sustained_rate(paced.samples, warmup_s, duration_s)
     drain_start = time.monotonic()
     final = counter.count()
     progress = (drain_start, final)
@@ -220,9 +197,9 @@ def run_pipeline(
         final_rows=final,
         drain_s=drain_s,
         producer_rate=accepted / max(result["offered_s"], 1e-9),
-        paused_s=paused_s,
+        paused_s=paced.paused_s,
         untouched=untouched,
-        samples=samples,
+        samples=paced.samples,
     )
 
 

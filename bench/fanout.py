@@ -45,10 +45,12 @@ from benchlib import (
     fmt_ratio,
     interference_row,
     miss,
+    pace_producer,
     print_table,
     read_json,
     save_rows,
     session,
+    sustained_rate,
     write_config,
 )
 
@@ -58,7 +60,6 @@ TITLE = "10. fan-out to N pumps"
 TARGET = 2.0
 POOL_SIZE = 4
 CORES = 2
-MAX_BACKLOG_RECORDS = 200_000
 DRAIN_TIMEOUT_S = 300.0
 
 
@@ -117,23 +118,12 @@ def run_case(
         "--config", str(config), "--duration", str(duration_s), "--out", str(out),
         log_name=f"producer-{count}.log",
     )  # fmt: skip
-    start = time.monotonic()
-    samples: list[tuple[float, int]] = []
-    paused = False
-    next_sample = start
-    while producer.popen.poll() is None:
-        now = time.monotonic()
-        if now >= next_sample:
-            samples.append((now - start, sum(c.count() for c in counters.values())))
-            next_sample += 1.0
-        backlog = batch * sum(int(client.llen(q)) for q in queues) // count
-        if not paused and backlog > MAX_BACKLOG_RECORDS:
-            producer.popen.send_signal(signal.SIGSTOP)
-            paused = True
-        elif paused and (backlog < MAX_BACKLOG_RECORDS // 2 or now - start > duration_s + 5):
-            producer.popen.send_signal(signal.SIGCONT)
-            paused = False
-        time.sleep(0.1)
+    paced = pace_producer(
+        producer,
+        rows=lambda: sum(c.count() for c in counters.values()),
+        backlog_records=lambda: batch * sum(int(client.llen(q)) for q in queues) // count,
+        duration_s=duration_s,
+    )
     result = read_json(out)
     accepted = int(result["stats"]["shipped_records"])
     # What Redis holds for the records not yet in every sink, with the worker paused.
@@ -143,10 +133,7 @@ def run_case(
     held = used_memory(client) - memory_before
     in_flight = accepted - min(rows.values())
     os.killpg(worker.pid, signal.SIGCONT)
-    window = [(t, n) for t, n in samples if warmup_s <= t <= duration_s]
-    rate = float("nan")
-    if len(window) >= 2:
-        rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) / count
+    rate = sustained_rate(paced.samples, warmup_s, duration_s) / count
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while time.monotonic() < deadline:
         rows = {name: c.count() for name, c in counters.items()}

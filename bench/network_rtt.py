@@ -32,7 +32,7 @@ iproute2 (network namespaces).
 from __future__ import annotations
 
 import argparse
-import signal
+import math
 import statistics
 import subprocess
 import sys
@@ -53,10 +53,12 @@ from benchlib import (
     fmt_ratio,
     free_port,
     miss,
+    pace_producer,
     print_table,
     read_json,
     save_rows,
     session,
+    sustained_rate,
     write_config,
 )
 
@@ -70,7 +72,6 @@ TITLE = "9. network round trips"
 TARGETS = {1.0: 0.8, 5.0: 0.5}
 POOL_SIZE = 4
 REDIS_PORT_IN_NS = 6379
-MAX_BACKLOG_RECORDS = 200_000
 DRAIN_TIMEOUT_S = 120.0
 
 
@@ -225,26 +226,16 @@ def run_case(
         log_name=f"e2e-{rtt_ms:g}-{round_}.log",
     )
     counter = CsvCounter(tmp / "csv")
-    start = time.monotonic()
-    samples: list[tuple[float, int]] = []
-    paused = False
-    next_sample = start
-    while producer.popen.poll() is None:
-        now = time.monotonic()
-        if now >= next_sample:
-            samples.append((now - start, counter.count()))
-            next_sample += 1.0
-        backlog = batch * sum(int(net.redis.llen(q)) for q in (INGEST_QUEUE, pump_queue("csv")))
-        if not paused and backlog > MAX_BACKLOG_RECORDS:
-            producer.popen.send_signal(signal.SIGSTOP)
-            paused = True
-        elif paused and (backlog < MAX_BACKLOG_RECORDS // 2 or now - start > duration_s + 5):
-            producer.popen.send_signal(signal.SIGCONT)
-            paused = False
-        time.sleep(0.1)
-    window = [(t, n) for t, n in samples if warmup_s <= t <= duration_s]
-    if len(window) >= 2:
-        case.e2e = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
+    queues = (INGEST_QUEUE, pump_queue("csv"))
+    paced = pace_producer(
+        producer,
+        rows=counter.count,
+        backlog_records=lambda: batch * sum(int(net.redis.llen(q)) for q in queues),
+        duration_s=duration_s,
+    )
+    e2e = sustained_rate(paced.samples, warmup_s, duration_s)
+    if math.isfinite(e2e):
+        case.e2e = e2e
     result = read_json(out)
     accepted = int(result["stats"]["shipped_records"])
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
