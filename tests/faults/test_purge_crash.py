@@ -28,11 +28,10 @@ def push(client: redis.Redis, tag: str, count: int) -> set[str]:
     return {r.request for r in records}
 
 
-@pytest.mark.parametrize("point", ["before-enqueue", "after-enqueue"])
-def test_purge_killed_loses_nothing_and_delivers_once(
-    tmp_path: Path, broker: str, faults_db: redis.Redis, procs: list[Proc], point: str
-) -> None:
-    config = write_config(
+def crash_config(tmp_path: Path, broker: str) -> Path:
+    """The crash tests' config: the locks a killed purge leaves expire after 3 s; 500-record
+    chunks."""
+    return write_config(
         tmp_path / "c.yaml",
         fault_config(
             tmp_path,
@@ -40,7 +39,10 @@ def test_purge_killed_loses_nothing_and_delivers_once(
             delivery={"purge-lock-ttl-s": 3, "iam-lock-ttl-s": 3, "purge-chunk-size": 500},
         ),
     )
-    expected = push(faults_db, "purge", 3000)
+
+
+def crash_purge(config: Path, point: str) -> None:
+    """One purge in its own process, killed at ``point`` (see tests/faults/purge_crasher.py)."""
     crashed = subprocess.run(
         [sys.executable, "-m", "tests.faults.purge_crasher", point],
         env=celery_env(config),
@@ -49,6 +51,15 @@ def test_purge_killed_loses_nothing_and_delivers_once(
         timeout=120,
     )
     assert crashed.returncode == CRASH_EXIT_STATUS, crashed.stderr[-2000:]
+
+
+@pytest.mark.parametrize("point", ["before-enqueue", "after-enqueue"])
+def test_purge_killed_loses_nothing_and_delivers_once(
+    tmp_path: Path, broker: str, faults_db: redis.Redis, procs: list[Proc], point: str
+) -> None:
+    config = crash_config(tmp_path, broker)
+    expected = push(faults_db, "purge", 3000)
+    crash_purge(config, point)
     assert faults_db.llen(LIST_KEY) == 3000, "a crashed purge must not have removed anything"
     procs.append(start_worker(config, tmp_path / "w.log"))
     procs.append(start_beat(config, tmp_path / "beat.log", tmp_path))
@@ -97,23 +108,9 @@ def test_a_chunk_that_grew_after_a_crash_is_a_new_batch_and_loses_nothing(
     # trim; iam goes on pushing. The next purge reads 500 at the same offset: not the batch
     # already delivered (whose id it would share without the chunk's digest), so the 200 new
     # records are delivered too, and only the first 300 twice.
-    config = write_config(
-        tmp_path / "c.yaml",
-        fault_config(
-            tmp_path,
-            broker,
-            delivery={"purge-lock-ttl-s": 3, "iam-lock-ttl-s": 3, "purge-chunk-size": 500},
-        ),
-    )
+    config = crash_config(tmp_path, broker)
     first = push(faults_db, "before", 300)
-    crashed = subprocess.run(
-        [sys.executable, "-m", "tests.faults.purge_crasher", "after-enqueue"],
-        env=celery_env(config),
-        cwd=REPO,
-        capture_output=True,
-        timeout=120,
-    )
-    assert crashed.returncode == CRASH_EXIT_STATUS, crashed.stderr[-2000:]
+    crash_purge(config, "after-enqueue")
     later = push(faults_db, "after", 300)
     procs.append(start_worker(config, tmp_path / "w.log"))
     procs.append(start_beat(config, tmp_path / "beat.log", tmp_path))
