@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.analytics import AnalyticsRecord
 from tests.faults.conftest import fault_config
-from tests.faults.helpers import report, start_sweeping_beat, with_quick_sweep
+from tests.faults.helpers import make_records, report, start_sweeping_beat, with_quick_sweep
 from tests.servers_syslog import Rsyslog, new_tag
 from tests.support import Proc, start_worker, wait_until, write_config
 
@@ -75,10 +74,7 @@ def test_pump_worker_killed_mid_run_loses_nothing(
         ),
     )
     start_sweeping_beat(config, tmp_path, procs)
-    records = [
-        AnalyticsRecord(username=f"user-{i % 5}", effect="allow", request=f"syslog-{i}")
-        for i in range(RECORDS)
-    ]
+    records = make_records("syslog", RECORDS)
     report(records, config)  # 200 batches of 100 wait in the broker
     ingest = start_worker(config, tmp_path / "ingest.log", queues="ingest,purge", name="ingest")
     procs.append(ingest)
