@@ -113,17 +113,6 @@ def save_rows(
         handle.write(json.dumps(data) + "\n")
 
 
-def load_series(path: str) -> dict[str, dict[str, Any]]:
-    """title -> the ``series`` saved with it (the last one of each title wins)."""
-    out: dict[str, dict[str, Any]] = {}
-    with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as handle:
-        for line in handle:
-            data = json.loads(line)
-            if "series" in data:
-                out[data["title"]] = data["series"]
-    return out
-
-
 def load_rows(path: str) -> list[tuple[str, list[Row]]]:
     out: list[tuple[str, list[Row]]] = []
     with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as handle:
