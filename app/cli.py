@@ -207,7 +207,7 @@ def _status(settings: Settings) -> dict[str, Any]:
     from app.stores.dead_letters import DeadLetterStore
     from app.stores.eviction import Verdict
     from app.stores.ledger import Ledger
-    from app.stores.stats import Stats
+    from app.stores.stats import Stats, is_write_duration
 
     client = redis_client(settings)
     checker = HealthChecker(settings, client, consumers=queue_consumers(settings))
@@ -231,9 +231,7 @@ def _status(settings: Settings) -> dict[str, Any]:
     }
     values = Stats(client, settings).read().values
     # The write-duration histogram's buckets are for /metrics, not for reading here.
-    status["counters"] = {
-        key: values[key] for key in sorted(values) if not key.startswith("write_duration_")
-    }
+    status["counters"] = {key: values[key] for key in sorted(values) if not is_write_duration(key)}
     broker = broker_redis_client(settings)
     if broker is not None:
         ledger = Ledger(broker, settings.key_prefix)

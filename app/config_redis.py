@@ -92,7 +92,7 @@ class RedisConfig(ConfigModel):
             )
         key = "addrs" if self.addrs else "host"
         for text in self.addrs or (self.host,):
-            port = text.partition(":")[2] if text.count(":") == 1 else str(self.port)
+            port = _split_host_port(text, self.port)[1]
             if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
                 raise ValueError(f"{key}: bad port in {text!r:.80}")
         # The address must make a URL that redis-py and kombu can read back.
@@ -165,11 +165,17 @@ class RedisConfig(ConfigModel):
 
 
 def _host_port(text: str, default_port: int) -> tuple[str, int]:
-    # "host:port", or a bare host with the default port (an IPv6 address has several colons).
+    name, port = _split_host_port(text, default_port)
+    return name, int(port)
+
+
+def _split_host_port(text: str, default_port: int) -> tuple[str, str]:
+    # "host:port", or a bare host with the default port (an IPv6 address has several colons);
+    # the port as written, for the validator to judge.
     if text.count(":") == 1:
         name, _, port = text.partition(":")
-        return name, int(port)
-    return text, default_port
+        return name, port
+    return text, str(default_port)
 
 
 def hash_tag(key: str) -> str:

@@ -89,7 +89,8 @@ def required_queues(settings: Settings) -> list[str]:
 
 def all_queues(settings: Settings) -> list[str]:
     """Every queue of this configuration (the required ones and ``purge``)."""
-    return [INGEST_QUEUE, PURGE_QUEUE, *(pump_queue(name) for name in settings.enabled_pumps)]
+    ingest, *pumps = required_queues(settings)
+    return [ingest, PURGE_QUEUE, *pumps]
 
 
 def queue_consumers(settings: Settings) -> QueueConsumers:
@@ -258,8 +259,9 @@ class PumpMetrics(Collector):
         yield backlog
         yield from self._list_oldest_age()
         if self.settings.broker_url is None:  # the queues are lists on this same Redis
-            yield self._queue_lengths()
-            yield self._queue_oldest_ages()
+            heads = self._queue_heads()
+            yield _queue_lengths(heads)
+            yield _queue_oldest_ages(heads)
             yield from self._ledger()
         yield self._dead_letter_entries()
         if self.consumers is not None:
@@ -283,31 +285,19 @@ class PumpMetrics(Collector):
         gauge.add_metric([], age)
         yield gauge
 
-    def _queue_oldest_ages(self) -> GaugeMetricFamily:
-        ages = GaugeMetricFamily(
-            "iam_pump_queue_oldest_age_seconds",
-            "Seconds the oldest task waiting in a queue has been due (0: empty).",
-            labels=["queue"],
-        )
-        now = time.time()
-        for name in all_queues(self.settings):
-            # kombu's Redis transport LPUSHes and BRPOPs: the oldest message is the last one.
-            raw = self.redis.lindex(name, -1)
-            since = None if raw is None else waiting_since(raw)
-            if raw is None:
-                ages.add_metric([name], 0.0)
-            elif since is not None:
-                ages.add_metric([name], max(0.0, now - since))
-        return ages
-
-    def _queue_lengths(self) -> GaugeMetricFamily:
-        queues = GaugeMetricFamily(
-            "iam_pump_queue_length", "Tasks waiting in a Celery queue.", labels=["queue"]
-        )
-        names = [INGEST_QUEUE, PURGE_QUEUE] + [pump_queue(n) for n in self.settings.enabled_pumps]
+    def _queue_heads(self) -> list[tuple[str, int, Any]]:
+        # Every queue's length and oldest message, in one round trip.
+        names = all_queues(self.settings)
+        pipe = self.redis.pipeline(transaction=False)
         for name in names:
-            queues.add_metric([name], int(self.redis.llen(name)))
-        return queues
+            pipe.llen(name)
+            # kombu's Redis transport LPUSHes and BRPOPs: the oldest message is the last one.
+            pipe.lindex(name, -1)
+        answers = pipe.execute()
+        return [
+            (name, int(length), oldest)
+            for name, length, oldest in zip(names, answers[::2], answers[1::2], strict=True)
+        ]
 
     def _ledger(self) -> Iterator[GaugeMetricFamily]:
         ledger = Ledger(self.redis, self.settings.key_prefix)
@@ -337,6 +327,30 @@ class PumpMetrics(Collector):
         for group in groups:
             entries.add_metric([group], store.count(group))
         return entries
+
+
+def _queue_lengths(heads: list[tuple[str, int, Any]]) -> GaugeMetricFamily:
+    queues = GaugeMetricFamily(
+        "iam_pump_queue_length", "Tasks waiting in a Celery queue.", labels=["queue"]
+    )
+    for name, length, _oldest in heads:
+        queues.add_metric([name], length)
+    return queues
+
+
+def _queue_oldest_ages(heads: list[tuple[str, int, Any]]) -> GaugeMetricFamily:
+    ages = GaugeMetricFamily(
+        "iam_pump_queue_oldest_age_seconds",
+        "Seconds the oldest task waiting in a queue has been due (0: empty).",
+        labels=["queue"],
+    )
+    now = time.time()
+    for name, _length, oldest in heads:
+        if oldest is None:
+            ages.add_metric([name], 0.0)
+        elif (since := waiting_since(oldest)) is not None:
+            ages.add_metric([name], max(0.0, now - since))
+    return ages
 
 
 def _write_durations(stats: StatsSnapshot) -> HistogramMetricFamily:
@@ -440,18 +454,20 @@ class HealthServer:
                 path = self.path.split("?", 1)[0]
                 if path == "/livez":
                     problem = server.liveness()
-                    body = json.dumps(
-                        {"status": "ok"} if problem is None else {"status": "dead", "why": problem}
-                    ).encode()
-                    self._send(200 if problem is None else 503, "application/json", body)
+                    if problem is None:
+                        self._send_json(200, {"status": "ok"})
+                    else:
+                        self._send_json(503, {"status": "dead", "why": problem})
                 elif path in (health_path, "/healthz", "/readyz"):
                     report = server.checker.check()
-                    body = json.dumps(report.as_dict()).encode()
-                    self._send(200 if report.healthy else 503, "application/json", body)
+                    self._send_json(200 if report.healthy else 503, report.as_dict())
                 elif path == "/metrics":
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(server.registry))
                 else:
-                    self._send(404, "application/json", b'{"error": "not found"}')
+                    self._send_json(404, {"error": "not found"})
+
+            def _send_json(self, status: int, document: dict[str, Any]) -> None:
+                self._send(status, "application/json", json.dumps(document).encode())
 
             def _send(self, status: int, content_type: str, body: bytes) -> None:
                 self.send_response(status)

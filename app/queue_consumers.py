@@ -37,7 +37,6 @@ class Census:
     """Consumers per queue at ``taken_at`` (time.time()), or why they could not be counted."""
 
     consumers: dict[str, int] = field(default_factory=dict)
-    workers: tuple[str, ...] = ()
     error: str | None = None
     taken_at: float = 0.0
 
@@ -121,4 +120,4 @@ class QueueConsumers:
             for name in {queue.get("name") for queue in queues or ()}:
                 if isinstance(name, str) and not name.endswith(".pidbox"):
                     counts[name] = counts.get(name, 0) + 1
-        return Census(consumers=counts, workers=tuple(sorted(replies or {})), taken_at=now)
+        return Census(consumers=counts, taken_at=now)

@@ -109,22 +109,21 @@ def _fan_out_once(
     except BaseException:
         lock.release()
         raise
-    if not pipelines_scripts(context.redis):  # a cluster: the lock's script on its own
+    released: object = None
+    if pipelines_scripts(context.redis):
+        pipe = context.redis.pipeline(transaction=False)
+        lock.release_in(pipe)
+        context.stats.add(counts, pipe=pipe)
+        released, *added = pipe.execute(raise_on_error=False)
+        context.stats.check(counts, added)
+    else:  # a cluster: the lock's script on its own
         try:
             lock.release()
         except redis.RedisError as exc:
-            logger.warning("ingest: lock of batch %s not released (%s); it expires", batch_id, exc)
+            released = exc
         context.stats.add(counts)
-        return sent
-    pipe = context.redis.pipeline(transaction=False)
-    lock.release_in(pipe)
-    context.stats.add(counts, pipe=pipe)
-    results = pipe.execute(raise_on_error=False)
-    context.stats.check(counts, results[1:])
-    if isinstance(results[0], Exception):
-        logger.warning(
-            "ingest: lock of batch %s not released (%s); it expires", batch_id, results[0]
-        )
+    if isinstance(released, Exception):
+        logger.warning("ingest: lock of batch %s not released (%s); it expires", batch_id, released)
     return sent
 
 

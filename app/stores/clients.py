@@ -43,11 +43,7 @@ def redis_client(settings: Settings) -> redis.Redis:
 def config_client(config: RedisConfig) -> redis.Redis:
     """A pooled client for what a ``redis:`` block names: one server, a cluster, or the master
     its sentinels name (found again after a failover)."""
-    connect_timeout_s = config.timeout or DEFAULT_REDIS_CONNECT_TIMEOUT_S
-    socket: dict[str, Any] = {
-        "socket_connect_timeout": connect_timeout_s,
-        "socket_timeout": max(connect_timeout_s, DEFAULT_REDIS_SOCKET_TIMEOUT_S),
-    }
+    socket = _socket_timeouts(config)
     login: dict[str, Any] = {
         "username": config.username or None,
         "password": config.password or None,
@@ -104,14 +100,21 @@ def client_for(url: str, settings: Settings) -> redis.Redis:
 
 
 def _from_url(url: str, config: RedisConfig) -> redis.Redis:
-    connect_timeout_s = config.timeout or DEFAULT_REDIS_CONNECT_TIMEOUT_S
     return redis.Redis.from_url(
         url,
         max_connections=config.optimisation_max_active or None,
-        socket_connect_timeout=connect_timeout_s,
-        socket_timeout=max(connect_timeout_s, DEFAULT_REDIS_SOCKET_TIMEOUT_S),
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
+        **_socket_timeouts(config),
     )
+
+
+def _socket_timeouts(config: RedisConfig) -> dict[str, Any]:
+    # The ``redis:`` block's ``timeout`` bounds the connect; a command may wait a bit longer.
+    connect_timeout_s = config.timeout or DEFAULT_REDIS_CONNECT_TIMEOUT_S
+    return {
+        "socket_connect_timeout": connect_timeout_s,
+        "socket_timeout": max(connect_timeout_s, DEFAULT_REDIS_SOCKET_TIMEOUT_S),
+    }
 
 
 def same_server(

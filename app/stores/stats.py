@@ -65,8 +65,13 @@ WRITE_DURATION_BUCKETS_S: tuple[float, ...] = (
 )
 #: Stored names of the histogram: one counter per bucket (not cumulative), index ``len(bounds)``
 #: for ``+Inf``, and the sum in whole microseconds (the hash holds integers only).
-_DURATION_BUCKET = "write_duration_bucket_{index}"
+_DURATION_BUCKET_PREFIX = "write_duration_bucket_"
 _DURATION_SUM_US = "write_duration_sum_us"
+
+
+def is_write_duration(name: str) -> bool:
+    """Whether counter ``name`` is part of the write-duration histogram (a bucket or the sum)."""
+    return name.startswith((_DURATION_BUCKET_PREFIX, _DURATION_SUM_US))
 
 
 def write_duration(pump: str, seconds: float) -> dict[str, int]:
@@ -74,7 +79,7 @@ def write_duration(pump: str, seconds: float) -> dict[str, int]:
     to :meth:`Stats.add` (alone or with other counts)."""
     index = bisect.bisect_left(WRITE_DURATION_BUCKETS_S, seconds)
     return {
-        f"{_DURATION_BUCKET.format(index=index)}:{pump}": 1,
+        f"{_DURATION_BUCKET_PREFIX}{index}:{pump}": 1,
         f"{_DURATION_SUM_US}:{pump}": max(0, round(seconds * 1_000_000)),
     }
 
@@ -122,8 +127,8 @@ class StatsSnapshot:
                 continue
             if field == _DURATION_SUM_US:
                 sums[pump] = value
-            elif field.startswith("write_duration_bucket_"):
-                index = field.removeprefix("write_duration_bucket_")
+            elif field.startswith(_DURATION_BUCKET_PREFIX):
+                index = field.removeprefix(_DURATION_BUCKET_PREFIX)
                 if index.isdigit() and int(index) < len(bounds):
                     counts = per_bucket.setdefault(pump, [0] * len(bounds))
                     counts[int(index)] += value
