@@ -9,6 +9,7 @@ a store forget this record", where Go's zero time means never.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -117,6 +118,20 @@ def go_expiry(record: AnalyticsRecord) -> datetime:
     """:func:`expiry` as Go formats carry it (msgpack, CSV): never is the Go zero time."""
     expire_at = expiry(record)
     return GO_ZERO_TIME if expire_at is None else expire_at
+
+
+@functools.lru_cache(maxsize=4096)  # a batch's records mostly share their expiry
+def go_time_text(moment: datetime) -> str:
+    """A time as Go's ``encoding/json`` writes a ``time.Time`` in UTC: RFC 3339, ``Z``, a
+    fraction only when there is one, without its trailing zeros."""
+    moment = moment.astimezone(UTC)
+    text = (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
+        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
+    )
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")
+    return text + "Z"
 
 
 def expire_at_after(seconds: float, now: datetime | None = None) -> datetime:
