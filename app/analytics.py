@@ -607,17 +607,9 @@ def _packed_in_steps(batch_id: str, rows: list[list[Any]]) -> bytes:
         packer.pack_array_header(len(rows)),
     ]
     for start in range(0, len(rows), PACK_STEP):
-        parts.append(
-            packer.pack(rows[start : start + PACK_STEP])[_array_header_size(rows, start) :]
-        )
+        parts += map(packer.pack, rows[start : start + PACK_STEP])
         time.sleep(0)
     return b"".join(parts)
-
-
-def _array_header_size(rows: list[list[Any]], start: int) -> int:
-    """Bytes of the msgpack array header of ``rows[start:start + PACK_STEP]``."""
-    count = len(rows[start : start + PACK_STEP])
-    return 1 if count < 16 else 3 if count < 65536 else 5
 
 
 def _unencodable_fields(row: list[Any]) -> str:
