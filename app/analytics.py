@@ -32,19 +32,22 @@ import time
 import uuid
 from collections import deque
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from app.analytics_helper import HelperProcess
 from app.analytics_options import AnalyticsOptions
-from app.analytics_stats import AnalyticsStats, LockFreeCounter, ReporterCollector
+from app.analytics_stats import AnalyticsStats, LockFreeCounter
 from app.backoff import backoff_s
 from app.codec import encode_envelope
 from app.errors import ShipError
 from app.record import RECORD_FIELDS, AnalyticsRecord, expire_at_after
 from app.stores.clients import check_certificate
 from app.transports import CeleryTransport, EncodeError, RedisListTransport, Transport
+
+if TYPE_CHECKING:
+    from app.analytics_metrics import ReporterCollector
 
 __all__ = [
     "Analytics",
@@ -610,6 +613,16 @@ def _packed_in_steps(batch_id: str, rows: list[list[Any]]) -> bytes:
         parts += map(packer.pack, rows[start : start + PACK_STEP])
         time.sleep(0)
     return b"".join(parts)
+
+
+def __getattr__(name: str) -> Any:
+    # ReporterCollector on first use: a reporter that exports no metrics does not import
+    # prometheus_client.
+    if name == "ReporterCollector":
+        from app.analytics_metrics import ReporterCollector
+
+        return ReporterCollector
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _unencodable_fields(row: list[Any]) -> str:
