@@ -44,7 +44,7 @@ from app.codec import encode_envelope
 from app.errors import ShipError
 from app.record import RECORD_FIELDS, AnalyticsRecord, expire_at_after
 from app.stores.clients import check_certificate
-from app.transports import CeleryTransport, EncodeError, RedisListTransport, Transport
+from app.transports import EncodeError, Transport, transport_for
 
 if TYPE_CHECKING:
     from app.analytics_metrics import ReporterCollector
@@ -200,11 +200,7 @@ class Analytics:
         return self.options.broker_url
 
     def _make_transport(self) -> Transport:
-        if self.options.transport == "redis-list":
-            return RedisListTransport(
-                self.options.redis_url, self.options.analytics_key, config=self.options.redis
-            )
-        return CeleryTransport(self.options.broker_url, key_prefix=self.options.key_prefix)
+        return transport_for(self.options)
 
     def stop(self, *, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> AnalyticsStats:
         """Refuse new records, ship every accepted one, stop the threads; safe to call twice.
