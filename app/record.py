@@ -54,6 +54,8 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
 
 #: Field names in iam's Go struct order; also the CSV header and the msgpack map keys.
 GO_FIELD_NAMES: tuple[str, ...] = tuple(spec.go_name for spec in RECORD_FIELDS)
+#: Field names in iam's JSON, in the same order: documents, messages, InfluxDB fields and tags.
+JSON_NAMES: tuple[str, ...] = tuple(spec.json_name for spec in RECORD_FIELDS)
 #: The string fields, in order.
 STRING_FIELDS: tuple[RecordField, ...] = tuple(
     spec for spec in RECORD_FIELDS if spec.kind is FieldKind.STR
@@ -95,10 +97,7 @@ class AnalyticsRecord:
 
     def to_dict(self) -> dict[str, object]:
         """The record as a plain dict with iam's JSON field names (``expireAt`` as a datetime)."""
-        return {"id": self.id, **dict(zip(_JSON_NAMES, field_values(self), strict=True))}
-
-
-_JSON_NAMES = tuple(spec.json_name for spec in RECORD_FIELDS)
+        return {"id": self.id, **dict(zip(JSON_NAMES, field_values(self), strict=True))}
 
 
 def expiry(record: AnalyticsRecord) -> datetime | None:

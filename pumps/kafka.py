@@ -31,7 +31,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from app.record import AnalyticsRecord, go_expiry, go_time_text
+from app.record import JSON_NAMES, AnalyticsRecord, field_values, go_expiry, go_time_text
 from pumps.base import Pump, WriteResult
 from pumps.deadline import CHECK_TIMEOUT_S, TIMEOUT_MARGIN_S, Deadline
 from pumps.errors import PumpPermanentError, PumpTemporaryError
@@ -93,16 +93,8 @@ _TOPIC_SETTLING_ERRORS = frozenset({KafkaError.NO_ERROR, KafkaError.LEADER_NOT_A
 
 def message_value(record: AnalyticsRecord, meta_data: dict[str, str]) -> bytes:
     """The JSON message of a record: iam's field names, then the static ``meta_data``."""
-    message: dict[str, object] = {
-        "timestamp": record.timestamp,
-        "username": record.username,
-        "effect": record.effect,
-        "conclusion": record.conclusion,
-        "request": record.request,
-        "policies": record.policies,
-        "deciders": record.deciders,
-        "expireAt": go_time_text(go_expiry(record)),
-    }
+    message: dict[str, object] = dict(zip(JSON_NAMES, field_values(record), strict=True))
+    message["expireAt"] = go_time_text(go_expiry(record))
     message.update(meta_data)
     return _ENCODER.encode(message).encode("utf-8")
 
