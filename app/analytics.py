@@ -32,19 +32,22 @@ import time
 import uuid
 from collections import deque
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from app.analytics_helper import HelperProcess
 from app.analytics_options import AnalyticsOptions
-from app.analytics_stats import AnalyticsStats, LockFreeCounter, ReporterCollector
+from app.analytics_stats import AnalyticsStats, LockFreeCounter
 from app.backoff import backoff_s
 from app.codec import encode_envelope
 from app.errors import ShipError
 from app.record import RECORD_FIELDS, AnalyticsRecord, expire_at_after
 from app.stores.clients import check_certificate
-from app.transports import CeleryTransport, EncodeError, RedisListTransport, Transport
+from app.transports import EncodeError, Transport, transport_for
+
+if TYPE_CHECKING:
+    from app.analytics_metrics import ReporterCollector
 
 __all__ = [
     "Analytics",
@@ -197,11 +200,7 @@ class Analytics:
         return self.options.broker_url
 
     def _make_transport(self) -> Transport:
-        if self.options.transport == "redis-list":
-            return RedisListTransport(
-                self.options.redis_url, self.options.analytics_key, config=self.options.redis
-            )
-        return CeleryTransport(self.options.broker_url, key_prefix=self.options.key_prefix)
+        return transport_for(self.options)
 
     def stop(self, *, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> AnalyticsStats:
         """Refuse new records, ship every accepted one, stop the threads; safe to call twice.
@@ -607,17 +606,19 @@ def _packed_in_steps(batch_id: str, rows: list[list[Any]]) -> bytes:
         packer.pack_array_header(len(rows)),
     ]
     for start in range(0, len(rows), PACK_STEP):
-        parts.append(
-            packer.pack(rows[start : start + PACK_STEP])[_array_header_size(rows, start) :]
-        )
+        parts += map(packer.pack, rows[start : start + PACK_STEP])
         time.sleep(0)
     return b"".join(parts)
 
 
-def _array_header_size(rows: list[list[Any]], start: int) -> int:
-    """Bytes of the msgpack array header of ``rows[start:start + PACK_STEP]``."""
-    count = len(rows[start : start + PACK_STEP])
-    return 1 if count < 16 else 3 if count < 65536 else 5
+def __getattr__(name: str) -> Any:
+    # ReporterCollector on first use: a reporter that exports no metrics does not import
+    # prometheus_client.
+    if name == "ReporterCollector":
+        from app.analytics_metrics import ReporterCollector
+
+        return ReporterCollector
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _unencodable_fields(row: list[Any]) -> str:

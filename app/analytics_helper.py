@@ -40,7 +40,7 @@ import msgpack
 from app.analytics_options import AnalyticsOptions
 from app.backoff import backoff_s
 from app.errors import ShipError
-from app.transports import CeleryTransport, RedisListTransport
+from app.transports import CeleryTransport, transport_for
 
 logger = logging.getLogger(__name__)
 
@@ -185,11 +185,7 @@ def _read_exactly(stream: Any, size: int) -> bytes | None:
 
 
 def _serve(opts: dict[str, Any]) -> None:
-    transport: CeleryTransport | RedisListTransport
-    if opts["transport"] == "redis-list":
-        transport = RedisListTransport(opts["redis_url"], opts["analytics_key"])
-    else:
-        transport = CeleryTransport(opts["broker_url"], key_prefix=opts["key_prefix"])
+    transport = transport_for(AnalyticsOptions(**opts))
     out = sys.stdout.buffer
     out_lock = threading.Lock()
     batches: queue.Queue[tuple[str, bytes] | None] = queue.Queue()

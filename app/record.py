@@ -9,6 +9,7 @@ a store forget this record", where Go's zero time means never.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -53,6 +54,8 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
 
 #: Field names in iam's Go struct order; also the CSV header and the msgpack map keys.
 GO_FIELD_NAMES: tuple[str, ...] = tuple(spec.go_name for spec in RECORD_FIELDS)
+#: Field names in iam's JSON, in the same order: documents, messages, InfluxDB fields and tags.
+JSON_NAMES: tuple[str, ...] = tuple(spec.json_name for spec in RECORD_FIELDS)
 #: The string fields, in order.
 STRING_FIELDS: tuple[RecordField, ...] = tuple(
     spec for spec in RECORD_FIELDS if spec.kind is FieldKind.STR
@@ -94,10 +97,7 @@ class AnalyticsRecord:
 
     def to_dict(self) -> dict[str, object]:
         """The record as a plain dict with iam's JSON field names (``expireAt`` as a datetime)."""
-        return {"id": self.id, **dict(zip(_JSON_NAMES, field_values(self), strict=True))}
-
-
-_JSON_NAMES = tuple(spec.json_name for spec in RECORD_FIELDS)
+        return {"id": self.id, **dict(zip(JSON_NAMES, field_values(self), strict=True))}
 
 
 def expiry(record: AnalyticsRecord) -> datetime | None:
@@ -117,6 +117,20 @@ def go_expiry(record: AnalyticsRecord) -> datetime:
     """:func:`expiry` as Go formats carry it (msgpack, CSV): never is the Go zero time."""
     expire_at = expiry(record)
     return GO_ZERO_TIME if expire_at is None else expire_at
+
+
+@functools.lru_cache(maxsize=4096)  # a batch's records mostly share their expiry
+def go_time_text(moment: datetime) -> str:
+    """A time as Go's ``encoding/json`` writes a ``time.Time`` in UTC: RFC 3339, ``Z``, a
+    fraction only when there is one, without its trailing zeros."""
+    moment = moment.astimezone(UTC)
+    text = (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
+        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
+    )
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")
+    return text + "Z"
 
 
 def expire_at_after(seconds: float, now: datetime | None = None) -> datetime:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 from celery import Celery
@@ -22,6 +22,9 @@ from app.errors import ShipError
 from app.messages import Sender
 from app.stores.batches import EnvelopeStore
 from app.stores.clients import config_client
+
+if TYPE_CHECKING:
+    from app.analytics_options import AnalyticsOptions
 
 #: What msgpack raises for a value it cannot encode; a transport lets these through, unwrapped,
 #: so the reporter can set the offending record aside.
@@ -160,3 +163,10 @@ class MemoryTransport:
 
     def close(self) -> None:
         self.closed = True
+
+
+def transport_for(options: AnalyticsOptions) -> CeleryTransport | RedisListTransport:
+    """The transport the reporter's options name, for its threads or its helper process."""
+    if options.transport == "redis-list":
+        return RedisListTransport(options.redis_url, options.analytics_key, config=options.redis)
+    return CeleryTransport(options.broker_url, key_prefix=options.key_prefix)

@@ -38,7 +38,6 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -47,7 +46,7 @@ from influxdb import InfluxDBClient
 from influxdb.exceptions import InfluxDBClientError, InfluxDBServerError
 
 from app.config import mask_url
-from app.record import AnalyticsRecord, go_expiry
+from app.record import AnalyticsRecord, go_expiry, go_time_text
 from pumps.base import NO_ID_REASON, Pump, WriteResult
 from pumps.deadline import CHECK_TIMEOUT_S, Deadline
 from pumps.errors import PumpPermanentError, PumpTemporaryError
@@ -100,19 +99,6 @@ def time_offset_ns(record_id: str) -> int:
             break
         prefix, counted = head, counted + int(tail)
     return (_hash(prefix) + counted) % NANOSECONDS_PER_SECOND
-
-
-@functools.lru_cache(maxsize=1024)  # a batch's records mostly share their expiry
-def go_time_text(moment: datetime) -> str:
-    """A time as Go's JSON writes it (RFC 3339, UTC, fraction only when there is one)."""
-    moment = moment.astimezone(UTC)
-    text = (
-        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
-        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
-    )
-    if moment.microsecond:
-        text += f".{moment.microsecond:06d}".rstrip("0")
-    return text + "Z"
 
 
 def _string_field(value: str) -> str:

@@ -22,11 +22,11 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.record import RECORD_FIELDS
+from app.record import JSON_NAMES
 
 DEFAULT_ADDRESS = "http://localhost:8086"
 #: The names ``fields`` and ``tags`` take: iam's JSON names of the record's attributes.
-POINT_NAMES: tuple[str, ...] = tuple(spec.json_name for spec in RECORD_FIELDS)
+POINT_NAMES = JSON_NAMES
 
 
 def _check_names(value: tuple[str, ...]) -> tuple[str, ...]:

@@ -23,17 +23,15 @@ Where iam loses data, this pump does not:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from app.record import AnalyticsRecord, go_expiry
+from app.record import JSON_NAMES, AnalyticsRecord, field_values, go_expiry, go_time_text
 from pumps.base import Pump, WriteResult
 from pumps.deadline import CHECK_TIMEOUT_S, TIMEOUT_MARGIN_S, Deadline
 from pumps.errors import PumpPermanentError, PumpTemporaryError
@@ -61,8 +59,6 @@ Rejection = tuple[AnalyticsRecord, str]
 
 #: Compact JSON, as Go's ``encoding/json`` writes it; non-ASCII text left as UTF-8, as Go does.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-#: Distinct ``expireAt`` times whose text is remembered (a batch mostly shares a few).
-GO_TIME_CACHE_SIZE = 4096
 #: Pause between metadata requests while a topic is being created or a leader elected.
 METADATA_RETRY_PAUSE_S = 0.2
 
@@ -95,25 +91,10 @@ PERMANENT_ERRORS = frozenset(
 _TOPIC_SETTLING_ERRORS = frozenset({KafkaError.NO_ERROR, KafkaError.LEADER_NOT_AVAILABLE})
 
 
-@functools.lru_cache(maxsize=GO_TIME_CACHE_SIZE)
-def go_time(moment: datetime) -> str:
-    """A time as Go's ``encoding/json`` writes a ``time.Time`` in UTC (RFC 3339, ``Z``)."""
-    text = moment.astimezone(UTC).isoformat()
-    return text.replace("+00:00", "Z")
-
-
 def message_value(record: AnalyticsRecord, meta_data: dict[str, str]) -> bytes:
     """The JSON message of a record: iam's field names, then the static ``meta_data``."""
-    message: dict[str, object] = {
-        "timestamp": record.timestamp,
-        "username": record.username,
-        "effect": record.effect,
-        "conclusion": record.conclusion,
-        "request": record.request,
-        "policies": record.policies,
-        "deciders": record.deciders,
-        "expireAt": go_time(go_expiry(record)),
-    }
+    message: dict[str, object] = dict(zip(JSON_NAMES, field_values(record), strict=True))
+    message["expireAt"] = go_time_text(go_expiry(record))
     message.update(meta_data)
     return _ENCODER.encode(message).encode("utf-8")
 

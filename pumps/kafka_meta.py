@@ -40,7 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.config_text import parse_duration_s
-from app.record import RECORD_FIELDS
+from app.record import JSON_NAMES
 
 DEFAULT_CLIENT_ID = "iam-pump"
 #: Kafka's own limit on topic names, and the characters it allows.
@@ -53,7 +53,7 @@ IDEMPOTENCE_SINCE = (0, 11)
 #: The first Kafka version that answers an ApiVersion request.
 API_VERSIONS_SINCE = (0, 10)
 #: Names a ``meta_data`` key may not take: the message's own fields (iam would overwrite them).
-RESERVED_MESSAGE_KEYS = frozenset(spec.json_name for spec in RECORD_FIELDS)
+RESERVED_MESSAGE_KEYS = frozenset(JSON_NAMES)
 
 SaslMechanism = Literal["", "PLAIN", "SCRAM"]
 

@@ -400,29 +400,7 @@ class PrometheusPump(Pump[PrometheusMeta]):
     def open(self, *, deadline: Deadline | None = None) -> None:
         if self._client is not None:
             return
-        timeout_s = self.timeout_s
-        no_retry = Retry(NoBackoff(), 0)
-        if self.meta.redis_url is not None:
-            client = redis.Redis.from_url(
-                self.meta.redis_url,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                retry=no_retry,
-            )
-            key_prefix = self.meta.key_prefix
-        else:
-            settings = load_settings()
-            configured = redis_client(settings)
-            client = same_server(
-                configured,
-                socket_timeout=timeout_s,
-                socket_connect_timeout=timeout_s,
-                retry=no_retry,
-            )
-            configured.close()
-            key_prefix = self.meta.key_prefix or settings.key_prefix
-        if key_prefix is None:
-            key_prefix = load_settings().key_prefix
+        client, key_prefix = self._counts_client()
         self.keys = CounterKeys.for_pump(key_prefix, self.name)
         # Scrapes and health checks give up sooner than writes.
         self._quick = same_server(
@@ -444,6 +422,26 @@ class PrometheusPump(Pump[PrometheusMeta]):
             label=self.name,
         )
         self._endpoint.start()
+
+    def _counts_client(self) -> tuple[redis.Redis, str]:
+        """A client for the Redis that keeps the counts, and the key prefix: ``redis_url`` and
+        ``key_prefix`` from ``meta``, else from the configuration this process runs with (read
+        only when one of them is left out)."""
+        meta = self.meta
+        changes: dict[str, Any] = {
+            "socket_timeout": self.timeout_s,
+            "socket_connect_timeout": self.timeout_s,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if meta.redis_url is not None:
+            client = redis.Redis.from_url(meta.redis_url, **changes)
+            return client, meta.key_prefix or load_settings().key_prefix
+        settings = load_settings()
+        configured = redis_client(settings)
+        try:
+            return same_server(configured, **changes), meta.key_prefix or settings.key_prefix
+        finally:
+            configured.close()
 
     def write(self, records: Sequence[AnalyticsRecord], *, deadline: Deadline) -> WriteResult:
         result = WriteResult()

@@ -70,7 +70,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.record import RECORD_FIELDS, AnalyticsRecord, expiry, field_values
+from app.record import JSON_NAMES, AnalyticsRecord, expiry, field_values
 from pumps.base import Pump, WriteResult
 from pumps.deadline import CHECK_TIMEOUT_S, Deadline
 from pumps.errors import PumpPermanentError, PumpTemporaryError
@@ -84,7 +84,6 @@ MAX_PRIORITY = 23 << 3 | 7
 #: The largest UDP payload over IPv4 (65,535 less the IP and UDP headers).
 MAX_UDP_MESSAGE_BYTES = 65_507
 
-_JSON_NAMES = tuple(spec.json_name for spec in RECORD_FIELDS)
 _TAG_FORBIDDEN = set(" :[]")
 
 
@@ -175,7 +174,7 @@ def message_body(record: AnalyticsRecord, *, expire_at: str | None = None) -> st
 
     ``expire_at`` is the ISO 8601 text of the record's expiry when the caller already has it.
     """
-    document: dict[str, object] = dict(zip(_JSON_NAMES, field_values(record), strict=True))
+    document: dict[str, object] = dict(zip(JSON_NAMES, field_values(record), strict=True))
     if expire_at is None:
         expires = expiry(record)
         expire_at = expires.isoformat() if expires is not None else None

@@ -9,7 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from app.errors import ConfigError
-from pumps.kafka import KafkaPump, go_time, message_value
+from app.record import go_time_text as go_time
+from pumps.kafka import KafkaPump, message_value
 from pumps.kafka_meta import KafkaMeta
 from pumps.settings import parse_pump_settings
 from pumps.testing.records import make_records
