@@ -13,7 +13,8 @@ The stage of a call is ``--stage`` (default ``other``); in a Celery worker it is
 task's name (``ingest``, ``write``) between ``task_prerun`` and ``task_postrun``, and ``worker
 loop`` otherwise (polling, acknowledgements). Each process writes ``DIR/rt-<pid>.json``
 (``{stage: [round trips, tasks run]}``) after every task, every second, and at exit; a forked
-child starts from zero. :func:`collect` adds the files up.
+child starts from zero, and a process it starts counts too (``roundtrips_site/sitecustomize.py``),
+so the reporter's helper process is counted as the reporter. :func:`collect` adds the files up.
 """
 
 from __future__ import annotations
@@ -141,7 +142,13 @@ def main() -> None:
     # app/celery_app.py starts a worker again (execv) unless this is set, which would leave the
     # counting behind: set it as that re-execution would.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
-    install(out, options.get("--stage", "other"))
+    stage = options.get("--stage", "other")
+    install(out, stage)
+    # Processes this one starts (the reporter's helper process) count into the same folder.
+    os.environ["BENCH_ROUNDTRIPS_OUT"] = str(out)
+    os.environ["BENCH_ROUNDTRIPS_STAGE"] = stage
+    site = str(Path(__file__).resolve().parent / "roundtrips_site")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
     if rest[0] == "-m":
         sys.argv = [rest[1], *rest[2:]]
         runpy.run_module(rest[1], run_name="__main__", alter_sys=True)
