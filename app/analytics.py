@@ -177,20 +177,22 @@ class Analytics:
             if self._started or self._stopping.is_set() or not self.options.enable:
                 return
             self._started = True
+        self._start_threads(shippers=self.options.pool_size)
+
+    def _start_threads(self, *, shippers: int) -> None:
+        # The helper process's cutter, or a cutter and ``shippers`` shipping threads.
         if self._helper is not None:
             self._start_helper_loop()
             return
         if self._transport is None:
             self._transport = self._make_transport()
-        cutter = threading.Thread(target=self._cut_loop, name="analytics-cutter", daemon=True)
-        self._threads.append(cutter)
-        for index in range(self.options.pool_size):
-            self._threads.append(
-                threading.Thread(
-                    target=self._ship_loop, name=f"analytics-shipper-{index}", daemon=True
-                )
-            )
-        for thread in self._threads:
+        threads = [threading.Thread(target=self._cut_loop, name="analytics-cutter", daemon=True)]
+        threads += [
+            threading.Thread(target=self._ship_loop, name=f"analytics-shipper-{index}", daemon=True)
+            for index in range(shippers)
+        ]
+        self._threads += threads
+        for thread in threads:
             thread.start()
 
     @property
@@ -263,16 +265,7 @@ class Analytics:
         if self._buffer and self.options.enable:
             with self._lock:
                 self._started = True
-            if self._helper is not None:
-                self._start_helper_loop()
-                return
-            if self._transport is None:
-                self._transport = self._make_transport()
-            cutter = threading.Thread(target=self._cut_loop, daemon=True)
-            shipper = threading.Thread(target=self._ship_loop, daemon=True)
-            self._threads += [cutter, shipper]
-            cutter.start()
-            shipper.start()
+            self._start_threads(shippers=1)
 
     def __enter__(self) -> Analytics:
         self.start()
