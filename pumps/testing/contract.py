@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -213,25 +213,35 @@ class PumpContract:
             self._assert_temporary_error_in_time(pump, "silent")
             pump.close()
 
-    def test_server_going_away_gives_temporary_errors_and_a_failing_check(self) -> None:
+    @contextlib.contextmanager
+    def server_going_away(self) -> Iterator[tuple[Pump, Callable[[], None]]]:
+        """A pump on the sink and the action that takes the sink away, restored at the end.
+
+        The kit puts a TCP proxy in front of :meth:`server_address` and cuts it; a pump whose
+        client goes past a proxy (one that reconnects to an address the server advertises, as a
+        Kafka client does) overrides this to stop the server itself.
+        """
         address = self.server_address()
         if address is None:
             pytest.skip("no server to go away (server_address)")
         proxy = TcpProxy(address)
         try:
-            with opened(self._network_pump(proxy.port)) as pump:
-                first = make_records("before", 5)
-                assert pump.write(first, deadline=soon()) == WriteResult()
-                pump.check()
-                proxy.stop()
-                started = time.monotonic()
-                with pytest.raises(PumpTemporaryError):
-                    pump.write(make_records("after", 5), deadline=Deadline.after(DOWN_TIMEOUT_S))
-                assert time.monotonic() - started < DOWN_TIMEOUT_S + DOWN_SLACK_S
-                started = time.monotonic()
-                with pytest.raises(PumpError):
-                    pump.check()
-                assert time.monotonic() - started < DOWN_TIMEOUT_S + DOWN_SLACK_S
+            yield self._network_pump(proxy.port), proxy.stop
         finally:
             proxy.stop()
+
+    def test_server_going_away_gives_temporary_errors_and_a_failing_check(self) -> None:
+        with self.server_going_away() as (candidate, take_away), opened(candidate) as pump:
+            first = make_records("before", 5)
+            assert pump.write(first, deadline=soon()) == WriteResult()
+            pump.check()
+            take_away()
+            started = time.monotonic()
+            with pytest.raises(PumpTemporaryError):
+                pump.write(make_records("after", 5), deadline=Deadline.after(DOWN_TIMEOUT_S))
+            assert time.monotonic() - started < DOWN_TIMEOUT_S + DOWN_SLACK_S
+            started = time.monotonic()
+            with pytest.raises(PumpError):
+                pump.check()
+            assert time.monotonic() - started < DOWN_TIMEOUT_S + DOWN_SLACK_S
         assert self.stored_ids(pump) == self.expected(first, 1)
