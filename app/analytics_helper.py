@@ -32,6 +32,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ HEADER = struct.Struct("!I32s")
 PIPE_SIZE = 1 << 20
 SHIP_BACKOFF_BASE_S = 0.1
 SHIP_BACKOFF_MAX_S = 5.0
+#: How long a helper whose application died keeps retrying a batch it could not ship.
+ORPHAN_GRACE_S = 60.0
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
@@ -72,6 +75,9 @@ class HelperProcess:
             "key_prefix": self._options.key_prefix,
             "pool_size": self._options.pool_size,
         }
+        # Compared with the helper's parent, to know when the application is gone (the helper
+        # may read it only after the application died).
+        parent = {"application_pid": os.getpid()}
         env = dict(os.environ)
         # The helper imports this package from where the application did.
         root = str(Path(__file__).resolve().parent.parent)
@@ -93,7 +99,7 @@ class HelperProcess:
         # The options go down the pipe, not on the command line, where `ps` would show the
         # broker's password to every user of the machine.
         with contextlib.suppress(OSError):
-            self._proc.stdin.write(json.dumps(opts).encode("utf-8") + b"\n")
+            self._proc.stdin.write(json.dumps(opts | parent).encode("utf-8") + b"\n")
             self._proc.stdin.flush()
         os.set_blocking(self._proc.stdout.fileno(), False)
         self._acks = b""
@@ -185,6 +191,7 @@ def _read_exactly(stream: Any, size: int) -> bytes | None:
 
 
 def _serve(opts: dict[str, Any]) -> None:
+    parent = opts.pop("application_pid", None) or os.getppid()
     transport = transport_for(AnalyticsOptions(**opts))
     out = sys.stdout.buffer
     out_lock = threading.Lock()
@@ -196,15 +203,28 @@ def _serve(opts: dict[str, Any]) -> None:
             out.write(f"{kind} {batch_id}\n".encode("ascii"))
             out.flush()
 
-    parent = os.getppid()
+    orphaned_at: list[float] = []  # when this process first saw the application gone
+
+    def given_up() -> bool:
+        # While the application lives, its stop() decides when to give up. Once it is gone,
+        # nobody will count or resend a batch and nobody will stop this process: keep retrying
+        # through a short outage, for ORPHAN_GRACE_S, then say what is lost and end.
+        if os.getppid() == parent:
+            return False
+        if not orphaned_at:
+            orphaned_at.append(time.monotonic())
+        return time.monotonic() - orphaned_at[0] > ORPHAN_GRACE_S
 
     def ship(batch_id: str, payload: bytes) -> None:
         attempt = 0
         while True:
-            if attempt and os.getppid() != parent:
-                # The application died: nobody will count or resend this batch, and nobody
-                # will stop this process at a deadline. Say what is lost and end.
-                logger.error("analytics: application gone, batch %s not shipped", batch_id)
+            if attempt and given_up():
+                logger.error(
+                    "analytics: application gone and the broker away for %.0fs, batch %s not "
+                    "shipped",
+                    ORPHAN_GRACE_S,
+                    batch_id,
+                )
                 return
             try:
                 if isinstance(transport, CeleryTransport):

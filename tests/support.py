@@ -261,12 +261,13 @@ def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.25) -> bo
 
 
 class RedisServer:
-    """A ``redis-server`` of the test's own on a free port (never the shared one), no
-    persistence, with extra ``--name value`` settings; ``client()`` talks to it."""
+    """A ``redis-server`` of the test's own on a free port (never the shared one) or on ``port``
+    (to start one again where another was stopped), no persistence, with extra ``--name value``
+    settings; ``client()`` talks to it."""
 
-    def __init__(self, directory: Path, **settings: str) -> None:
+    def __init__(self, directory: Path, *, port: int | None = None, **settings: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--save", "", "--appendonly", "no", "--dir", str(directory)]
         for name, value in settings.items():

@@ -21,6 +21,7 @@ from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
 from tests.integration.test_pipeline import count_by_request, kept_bytes, make_record
 from tests.support import (
     Proc,
+    RedisServer,
     base_config,
     free_port,
     read_csv_rows,
@@ -148,38 +149,82 @@ time.sleep(60)
 """
 
 
+class DyingApp:
+    """APP_THAT_DIES in a process of its own, its helper frozen with 1000 records in the pipe."""
+
+    def __init__(self, tmp_path: Path, broker: str) -> None:
+        script = tmp_path / "dying_app.py"
+        script.write_text(APP_THAT_DIES, encoding="utf-8")
+        self.log = tmp_path / "app.log"  # the helper inherits the application's stderr
+        with self.log.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(script), broker],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        assert self.proc.stdout is not None
+        self.helper = int(self.proc.stdout.readline())
+
+    def die(self) -> None:
+        """SIGKILL the application; its helper is left frozen with batches nobody shipped."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        self.die()
+        if alive(self.helper):
+            os.kill(self.helper, signal.SIGKILL)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def shipped_usernames(client: redis.Redis) -> list[str]:
+    rows = [
+        row
+        for key in client.scan_iter("iam-pump:envelope:*")
+        for row in msgpack.unpackb(client.get(key), timestamp=3)["records"]
+    ]
+    return sorted(row[1] for row in rows)
+
+
+ORPHANS = sorted(f"orphan-{i}" for i in range(1000))
+
+
 def test_when_the_application_dies_the_helper_ships_what_it_received_and_exits(
     redis_db: redis.Redis, tmp_path: Path
 ) -> None:
-    broker = redis_url()  # with the environment's login, when there is one
-    script = tmp_path / "dying_app.py"
-    script.write_text(APP_THAT_DIES, encoding="utf-8")
-    log = tmp_path / "app.log"  # the helper inherits the application's stderr
-    with log.open("wb") as stderr:
-        app = subprocess.Popen(
-            [sys.executable, str(script), broker], stdout=subprocess.PIPE, stderr=stderr, text=True
-        )
+    app = DyingApp(tmp_path, redis_url())  # with the environment's login, when there is one
     try:
-        assert app.stdout is not None
-        helper = int(app.stdout.readline())
-        app.kill()  # the batches are in the pipe, the helper is frozen: nobody shipped them
-        app.wait(10)
+        app.die()
         assert redis_db.llen("ingest") == 0
-        os.kill(helper, signal.SIGCONT)
-        assert wait_until(lambda: not alive(helper), 30), "the orphaned helper did not exit"
-        assert wait_until(lambda: redis_db.llen("ingest") >= 1, 10), log.read_text()
-        shipped = [
-            msgpack.unpackb(redis_db.get(key), timestamp=3)["records"]
-            for key in redis_db.scan_iter("iam-pump:envelope:*")
-        ]
-        assert sorted(row[1] for rows in shipped for row in rows) == sorted(
-            f"orphan-{i}" for i in range(1000)
-        )
+        os.kill(app.helper, signal.SIGCONT)
+        assert wait_until(lambda: not alive(app.helper), 30), "the orphaned helper did not exit"
+        assert wait_until(lambda: redis_db.llen("ingest") >= 1, 10), app.log.read_text()
+        assert shipped_usernames(redis_db) == ORPHANS
     finally:
-        app.kill()
-        app.wait(10)
-        if app.stdout is not None:
-            app.stdout.close()
+        app.close()
+
+
+def test_an_orphaned_helper_retries_through_a_short_redis_outage(tmp_path: Path) -> None:
+    """The application dies while Redis is down: its helper keeps what it received and ships it
+    when Redis is back (within ORPHAN_GRACE_S), instead of giving up at the first failure."""
+    server = RedisServer(tmp_path / "redis")
+    app = DyingApp(tmp_path, f"redis://127.0.0.1:{server.port}/0")
+    try:
+        server.stop()
+        app.die()
+        os.kill(app.helper, signal.SIGCONT)
+        assert wait_until(lambda: "shipping failed" in app.log.read_text(), 30)
+        time.sleep(3)  # more failed attempts, past the first backoffs
+        assert alive(app.helper), app.log.read_text()
+        server = RedisServer(tmp_path / "redis", port=server.port)
+        assert wait_until(lambda: not alive(app.helper), 30), "the orphaned helper did not exit"
+        assert shipped_usernames(server.client()) == ORPHANS, app.log.read_text()
+        assert "not shipped" not in app.log.read_text()
+    finally:
+        app.close()
+        server.stop()
 
 
 def helper_children() -> set[str]:
