@@ -7,6 +7,7 @@ import time
 from collections import deque
 from datetime import UTC, datetime, timedelta
 
+import msgpack
 import pytest
 
 from app.analytics import Analytics, AnalyticsOptions, AnalyticsRecord
@@ -394,7 +395,7 @@ def test_every_record_accepted_while_stop_runs_is_shipped_or_counted_lost() -> N
 
 
 def test_a_batch_packed_in_steps_is_the_envelope_byte_for_byte() -> None:
-    from app.analytics import _packed_in_steps
+    from app.analytics import PACK_STEP, _envelope
     from app.codec import encode_envelope
 
     for count in (0, 1, 15, 16, 99, 100, 101, 770, 70_000):
@@ -402,4 +403,9 @@ def test_a_batch_packed_in_steps_is_the_envelope_byte_for_byte() -> None:
             [i, "u", "allow", "c", "r", "p", "d", datetime(2030, 1, 1, tzinfo=UTC)]
             for i in range(count)
         ]
-        assert _packed_in_steps("a" * 32, rows) == encode_envelope("a" * 32, rows), count
+        packer = msgpack.Packer(datetime=True)
+        parts = [
+            b"".join(map(packer.pack, rows[start : start + PACK_STEP]))
+            for start in range(0, count, PACK_STEP)
+        ]
+        assert _envelope("a" * 32, count, parts) == encode_envelope("a" * 32, rows), count
