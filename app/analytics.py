@@ -11,10 +11,13 @@
 and allocates nothing. A cutter thread turns the buffer into batches - when ``records-buffer-size
 / pool-size`` records are waiting, when ``flush-interval`` has passed, and at least once a
 second - and ``pool-size`` shipping threads hand each batch over as one Celery task (or RPUSH it
-to iam's Redis list). A batch that cannot be shipped is retried with backoff; while the broker is
-away the buffer fills, and records past its bound are refused, counted and logged (rate-limited),
-never silently lost. ``stop()`` ships everything accepted before it, and is safe to call twice;
-a record accepted by a ``record_hit`` racing ``stop()`` is shipped or counted in ``lost_at_stop``.
+to iam's Redis list). With the helper process (the default: app/analytics_helper.py) the cutter
+instead packs the waiting records into the open batch every :data:`PACK_EVERY_S` and writes each
+due batch to the helper's pipe. A batch that cannot be shipped is retried with backoff; while
+the broker is away the buffer fills, and records past its bound are refused, counted and logged
+(rate-limited), never silently lost. ``stop()`` ships everything accepted before it, and is
+safe to call twice; a record accepted by a ``record_hit`` racing ``stop()`` is shipped or
+counted in ``lost_at_stop``.
 
 Memory is bounded: the reporter holds at most ``records-buffer-size`` records in all, buffered,
 cut into batches waiting for a shipper, or being shipped.
