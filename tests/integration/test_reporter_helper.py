@@ -179,13 +179,14 @@ class DyingApp:
             self.proc.stdout.close()
 
 
-def shipped_usernames(client: redis.Redis) -> list[str]:
+def shipped_values(client: redis.Redis, column: int = 1) -> list[str]:
+    """One column of every row in the envelopes in Redis, sorted (1: username, 4: request)."""
     rows = [
         row
         for key in client.scan_iter("iam-pump:envelope:*")
         for row in msgpack.unpackb(client.get(key), timestamp=3)["records"]
     ]
-    return sorted(row[1] for row in rows)
+    return sorted(row[column] for row in rows)
 
 
 ORPHANS = sorted(f"orphan-{i}" for i in range(1000))
@@ -201,7 +202,7 @@ def test_when_the_application_dies_the_helper_ships_what_it_received_and_exits(
         os.kill(app.helper, signal.SIGCONT)
         assert wait_until(lambda: not alive(app.helper), 30), "the orphaned helper did not exit"
         assert wait_until(lambda: redis_db.llen("ingest") >= 1, 10), app.log.read_text()
-        assert shipped_usernames(redis_db) == ORPHANS
+        assert shipped_values(redis_db) == ORPHANS
     finally:
         app.close()
 
@@ -220,7 +221,7 @@ def test_an_orphaned_helper_retries_through_a_short_redis_outage(tmp_path: Path)
         assert alive(app.helper), app.log.read_text()
         server = RedisServer(tmp_path / "redis", port=server.port)
         assert wait_until(lambda: not alive(app.helper), 30), "the orphaned helper did not exit"
-        assert shipped_usernames(server.client()) == ORPHANS, app.log.read_text()
+        assert shipped_values(server.client()) == ORPHANS, app.log.read_text()
         assert "not shipped" not in app.log.read_text()
     finally:
         app.close()
@@ -284,3 +285,32 @@ def test_the_helpers_command_line_shows_no_password(redis_db: redis.Redis) -> No
         assert secret.encode() not in command_line
     finally:
         analytics.stop(timeout_s=1)
+
+
+def test_waiting_records_are_packed_within_the_pack_interval_and_ship_as_one_batch(
+    redis_db: redis.Redis,
+) -> None:
+    """With a helper process, records do not wait in the buffer for the whole flush interval:
+    they are packed into the open batch within PACK_EVERY_S (so the objects die young), and
+    the batch still goes out whole when the interval is up."""
+    broker = redis_url()
+    analytics = Analytics(
+        AnalyticsOptions(broker_url=broker, redis_url=broker, flush_interval_ms=1500)
+    )
+    analytics.start()
+    try:
+        time.sleep(0.3)  # the cutter has started and is waiting
+        offer(analytics, [make_record("young", i) for i in range(300)])
+        taken = time.monotonic()
+        # PACK_EVERY_S is 20 ms; a third of the flush interval leaves room for a loaded machine.
+        assert wait_until(lambda: analytics.stats().buffered == 0, 0.5, 0.005)
+        waited = time.monotonic() - taken
+        stats = analytics.stats()
+        assert stats.pending == 300 and stats.shipped_records == 0, stats
+        assert redis_db.llen("ingest") == 0, "a batch went out before its flush interval"
+        assert wait_until(lambda: analytics.stats().shipped_records == 300, 10)
+        assert redis_db.llen("ingest") == 1, "the records went out in more than one batch"
+        assert shipped_values(redis_db, 4) == sorted(f"young-{i}" for i in range(300))
+        print(f"packed within {waited * 1000:.0f} ms")
+    finally:
+        analytics.stop(timeout_s=10)
