@@ -202,7 +202,7 @@ class Analytics:
             self._start_helper_loop()
             return
         if self._transport is None:
-            self._transport = self._make_transport()
+            self._transport = transport_for(self.options)
         threads = [threading.Thread(target=self._cut_loop, name="analytics-cutter", daemon=True)]
         threads += [
             threading.Thread(target=self._ship_loop, name=f"analytics-shipper-{index}", daemon=True)
@@ -217,9 +217,6 @@ class Analytics:
         if self.options.transport == "redis-list":
             return self.options.redis_url
         return self.options.broker_url
-
-    def _make_transport(self) -> Transport:
-        return transport_for(self.options)
 
     def stop(self, *, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> AnalyticsStats:
         """Refuse new records, ship every accepted one, stop the threads; safe to call twice.

@@ -74,10 +74,10 @@ class HelperProcess:
             "analytics_key": self._options.analytics_key,
             "key_prefix": self._options.key_prefix,
             "pool_size": self._options.pool_size,
+            # Compared with the helper's parent, to know when the application is gone (the
+            # helper may read it only after the application died).
+            "application_pid": os.getpid(),
         }
-        # Compared with the helper's parent, to know when the application is gone (the helper
-        # may read it only after the application died).
-        parent = {"application_pid": os.getpid()}
         env = dict(os.environ)
         # The helper imports this package from where the application did.
         root = str(Path(__file__).resolve().parent.parent)
@@ -99,7 +99,7 @@ class HelperProcess:
         # The options go down the pipe, not on the command line, where `ps` would show the
         # broker's password to every user of the machine.
         with contextlib.suppress(OSError):
-            self._proc.stdin.write(json.dumps(opts | parent).encode("utf-8") + b"\n")
+            self._proc.stdin.write(json.dumps(opts).encode("utf-8") + b"\n")
             self._proc.stdin.flush()
         os.set_blocking(self._proc.stdout.fileno(), False)
         self._acks = b""
